@@ -1,0 +1,14 @@
+"""`model-tailor list` (placeholder until its issue lands; replaced by the real command)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("list", help="(not yet available)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    raise SystemExit("model-tailor list: not yet available")
