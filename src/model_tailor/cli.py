@@ -21,7 +21,7 @@ COMMANDS = ("tailor", "apply", "remove", "combine", "inspect", "baseline", "benc
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="model-tailor",
-        description="Repair catastrophic forgetting: graft a small compensated patch of fine-tuned weights onto the base.",
+        description="Repair catastrophic forgetting: graft a small compensated patch of fine-tuned weights onto base.",
     )
     parser.add_argument("--version", action="version", version=f"model-tailor {__version__}")
     parser.add_argument("--debug", action="store_true", help="re-raise errors with a traceback")
