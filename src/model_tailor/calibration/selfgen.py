@@ -1,0 +1,167 @@
+"""``--preserve self``: the base model answers shipped generic instructions; the conversations become preserve data.
+
+When a user has no original-task data, the base model's own behaviour on generic prompts is the best available
+proxy for "what it knew" (PILOT.md: preserving the base outputs on such data recovers most of the forgetting).
+The instructions ship with the package (``data/self_preserve_instructions.jsonl``, written for model-tailor and
+free of the bench's test topics); generation is greedy, bounded, seeded and cached, and every generated
+conversation is returned so the caller can log and record it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+from ..io.atomic import atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+INSTRUCTIONS_FILE = "self_preserve_instructions.jsonl"
+_FINGERPRINT_SPAN = 1 << 20  # bytes hashed at each end of every weight file for the cache key
+
+
+@dataclass(frozen=True)
+class SelfPreserveSpec:
+    """What to generate. Every field takes part in the cache key."""
+
+    samples: int = 64
+    seed: int = 0
+    max_new_tokens: int = 48
+    batch_size: int = 8
+
+
+def load_instructions() -> list[str]:
+    """The shipped generic instructions, in file order."""
+    text = resources.files("model_tailor.data").joinpath(INSTRUCTIONS_FILE).read_text(encoding="utf-8")
+    return [json.loads(line)["instruction"] for line in text.splitlines() if line.strip()]
+
+
+def sample_instructions(samples: int, seed: int) -> list[str]:
+    """A seeded sample without replacement; all of them (with a warning) when more are asked than ship."""
+    if samples <= 0:
+        raise ConfigError(f"preserve samples must be positive, got {samples}")
+    instructions = load_instructions()
+    if samples > len(instructions):
+        logger.warning(
+            "asked for %d self-preserve samples; %d instructions ship, using all", samples, len(instructions)
+        )
+        samples = len(instructions)
+    order = torch.randperm(len(instructions), generator=torch.Generator().manual_seed(seed))
+    return [instructions[i] for i in order[:samples].tolist()]
+
+
+def model_cache_key(model_dir: str | os.PathLike[str], spec: SelfPreserveSpec) -> str:
+    """Cheap content key of a model folder: config, file sizes and the first/last MiB of every weight file."""
+    digest = hashlib.sha256(json.dumps(spec.__dict__, sort_keys=True).encode())
+    digest.update(hashlib.sha256("\n".join(load_instructions()).encode()).digest())
+    for path in sorted(Path(model_dir).iterdir()):
+        if not path.is_file() or path.name.startswith("."):
+            continue
+        digest.update(path.name.encode())
+        size = path.stat().st_size
+        digest.update(str(size).encode())
+        with open(path, "rb") as handle:
+            digest.update(handle.read(_FINGERPRINT_SPAN))
+            if size > 2 * _FINGERPRINT_SPAN:
+                handle.seek(-_FINGERPRINT_SPAN, os.SEEK_END)
+                digest.update(handle.read(_FINGERPRINT_SPAN))
+    return digest.hexdigest()[:20]
+
+
+def render_prompt(tokenizer: Any, processor: Any, instruction: str) -> str:
+    """The prompt exactly as the model's own chat template renders a user turn (plain text without one)."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": instruction}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if processor is not None and getattr(processor, "chat_template", None):
+        messages = [{"role": "user", "content": [{"type": "text", "text": instruction}]}]
+        return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return f"User: {instruction}\nAssistant:"
+
+
+def _load_generator(model_dir: Path, device: str) -> tuple[Any, Any, Any]:
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    processor = None
+    if hasattr(config, "vision_config"):
+        try:
+            processor = transformers.AutoProcessor.from_pretrained(model_dir)
+        except (OSError, ValueError, TypeError):
+            processor = None
+        model_cls = transformers.AutoModelForImageTextToText
+    else:
+        model_cls = transformers.AutoModelForCausalLM
+    try:
+        model = model_cls.from_pretrained(model_dir, dtype=torch.float32)
+    except (ValueError, KeyError) as err:
+        raise ConfigError(
+            f"--preserve self cannot load {str(model_dir)!r} for text generation ({err}); pass --preserve FILE"
+        ) from None
+    return model.to(device).eval(), tokenizer, processor
+
+
+@torch.no_grad()
+def generate_self_preserve(
+    model_dir: str | os.PathLike[str],
+    spec: SelfPreserveSpec = SelfPreserveSpec(),
+    *,
+    device: str = "cpu",
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> list[dict[str, Any]]:
+    """Let the base model answer sampled instructions; return ``messages`` records (cached per model and spec).
+
+    Args:
+        model_dir: the BASE model folder (its answers define the behaviour to preserve).
+        spec: sample count, seed, answer length bound and batch size.
+        device: where generation runs.
+        cache_dir: folder for ``self-preserve-<key>.jsonl``; no caching when None.
+
+    Returns:
+        Records ``{"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}``, one per instruction, in
+        the sampled order.
+    """
+    model_dir = Path(model_dir)
+    cache_file = None
+    if cache_dir is not None:
+        cache_file = Path(cache_dir) / f"self-preserve-{model_cache_key(model_dir, spec)}.jsonl"
+        if cache_file.is_file():
+            logger.info("reusing self-generated preserve data %s", cache_file)
+            return [json.loads(line) for line in cache_file.read_text().splitlines() if line.strip()]
+    instructions = sample_instructions(spec.samples, spec.seed)
+    model, tokenizer, processor = _load_generator(model_dir, device)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # generation continues each prompt from its last real token
+    torch.manual_seed(spec.seed)
+    records: list[dict[str, Any]] = []
+    for start in range(0, len(instructions), spec.batch_size):
+        batch = instructions[start : start + spec.batch_size]
+        prompts = [render_prompt(tokenizer, processor, text) for text in batch]
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        out = model.generate(
+            **enc,
+            max_new_tokens=spec.max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        answers = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        for instruction, answer in zip(batch, answers, strict=True):
+            answer = answer.strip()
+            logger.info("self-preserve: %r -> %r", instruction, answer)
+            records.append(
+                {"messages": [{"role": "user", "content": instruction}, {"role": "assistant", "content": answer}]}
+            )
+    if cache_file is not None:
+        atomic_write_text(cache_file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    return records
