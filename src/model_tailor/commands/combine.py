@@ -1,14 +1,41 @@
-"""`model-tailor combine` (placeholder until its issue lands; replaced by the real command)."""
+"""`model-tailor combine`: merge task patches into one patch file (METHOD §12; thin wrapper)."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from ..combine import combine_patches
+from ..errors import ConfigError
+from ..io.patch_file import load_patch, save_patch
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("combine", help="(not yet available)")
+    p = sub.add_parser(
+        "combine",
+        help="combine task patches made against the same base",
+        description="Policies: disjoint-mean (default), sum, mean, priority, ties (see `model-tailor list`).",
+    )
+    p.add_argument("--patch", required=True, nargs="+", metavar="FILE", help="patch files, in priority order")
+    p.add_argument("--policy", default="disjoint-mean", help="combine policy (default disjoint-mean)")
+    p.add_argument("--weights", type=float, nargs="+", help="per-patch scale of each delta")
+    p.add_argument("--out", required=True, help="combined patch file")
+    p.add_argument("--force", action="store_true", help="combine patches made for different bases")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    raise SystemExit("model-tailor combine: not yet available")
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise ConfigError(f"output {str(out)!r} already exists; choose a new file or pass --overwrite")
+    patches = [load_patch(p) for p in args.patch]
+    combined, report = combine_patches(patches, policy=args.policy, weights=args.weights, force=args.force)
+    save_patch(combined, out)
+    width = max((len(n) for n in report.per_tensor), default=6)
+    print(f"{'tensor':<{width}}  {'union':>10}  {'overlap':>10}  {'fraction':>8}")
+    for name, o in report.per_tensor.items():
+        print(f"{name:<{width}}  {o.union:>10}  {o.overlap:>10}  {o.fraction:>8.2%}")
+    print(f"{'total':<{width}}  {report.union:>10}  {report.overlap:>10}  {report.fraction:>8.2%}")
+    print(f"combined {len(patches)} patches with {report.policy} -> {out}")
+    return 0

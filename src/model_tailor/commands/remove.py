@@ -1,14 +1,41 @@
-"""`model-tailor remove` (placeholder until its issue lands; replaced by the real command)."""
+"""`model-tailor remove`: restore the base from a patched checkpoint (thin wrapper, ``remove_patches``)."""
 
 from __future__ import annotations
 
 import argparse
 
+from ..apply import DEFAULT_MAX_SHARD_BYTES, remove_patches
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("remove", help="(not yet available)")
+    p = sub.add_parser(
+        "remove",
+        help="subtract patches from a patched checkpoint, restoring the base",
+        description="Pass the same patches, --policy and --weights as to `apply`.",
+    )
+    p.add_argument("--model", required=True, help="patched checkpoint folder or .safetensors file")
+    p.add_argument(
+        "--patch", required=True, nargs="+", metavar="FILE", help="patch file(s) that were applied"
+    )
+    p.add_argument("--out", required=True, help="new checkpoint folder (must not exist)")
+    p.add_argument("--policy", default="disjoint-mean", help="combine policy used by `apply`")
+    p.add_argument("--weights", type=float, nargs="+", help="per-patch scale used by `apply`")
+    p.add_argument("--force", action="store_true", help="remove even if the model's tensors do not match")
+    p.add_argument("--max-shard-bytes", type=int, default=DEFAULT_MAX_SHARD_BYTES, help="output shard size")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    raise SystemExit("model-tailor remove: not yet available")
+    result = remove_patches(
+        args.model,
+        args.patch,
+        args.out,
+        force=args.force,
+        policy=args.policy,
+        weights=args.weights,
+        max_shard_bytes=args.max_shard_bytes,
+    )
+    print(f"removed {len(args.patch)} patch(es) from {len(result.patched)} tensor(s) -> {result.out_dir}")
+    if result.mismatched:
+        print(f"note: {len(result.mismatched)} tensor(s) differ from the recorded base bytes (fp32 rounding)")
+    return 0

@@ -1,0 +1,201 @@
+"""Patch file format v1/v2: golden bytes, lossless round trips, and one clear error per kind of damage."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from model_tailor.errors import ConfigError, PatchFormatError
+from model_tailor.io.patch_file import FORMAT_NAME, _index_dtype, load_patch, save_patch
+from model_tailor.patch import PatchMetadata, SparsePatch, TensorPatch
+
+GOLDEN_SHA256 = "93f574355d2688005bbf64bcce75cfe6713972e70d2960a4b6c4d7592df7782f"
+GOLDEN_HEADER = (
+    '{"__metadata__":{"base_dtypes":"{\\"w\\":\\"bfloat16\\"}","base_fingerprint":"{\\"algorithm\\":\\"sha256\\",'
+    '\\"content\\":{},\\"num_tensors\\":1,\\"structure\\":\\"'
+    + "ab"
+    * 32
+    + '\\"}","config":"{\\"density\\":0.5}",'
+    '"created":"2024-01-01T00:00:00+00:00","format":"model-tailor-patch","format_version":"1",'
+    '"reset_params":"[]","shapes":"{\\"w\\":[2,2]}","stats":"{\\"w\\":{\\"density\\":0.5}}",'
+    '"versions":"{\\"model-tailor\\":\\"0.1.0\\"}"},'
+    '"indices/w":{"dtype":"I32","shape":[2],"data_offsets":[0,8]},'
+    '"values/w":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}  '
+)
+GOLDEN_DATA = "00000000030000000000003f000080bf"  # int32 [0, 3] then fp32 [0.5, -1.0], little-endian
+
+
+def _golden_patch() -> SparsePatch:
+    meta = PatchMetadata(
+        base_dtypes={"w": "bfloat16"},
+        base_fingerprint={"algorithm": "sha256", "structure": "ab" * 32, "num_tensors": 1, "content": {}},
+        config={"density": 0.5},
+        versions={"model-tailor": "0.1.0"},
+        stats={"w": {"density": 0.5}},
+        reset_params=[],
+        created="2024-01-01T00:00:00+00:00",
+    )
+    return SparsePatch({"w": TensorPatch("w", (2, 2), torch.tensor([0, 3]), torch.tensor([0.5, -1.0]))}, meta)
+
+
+def test_golden_bytes_freeze_v1(tmp_path):
+    path = save_patch(_golden_patch(), tmp_path / "golden.safetensors")
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    assert n % 8 == 0
+    assert raw[8 : 8 + n].decode() == GOLDEN_HEADER
+    assert raw[8 + n :].hex() == GOLDEN_DATA
+    assert hashlib.sha256(raw).hexdigest() == GOLDEN_SHA256
+
+
+def _random_patch(seed: int = 0, lowrank: bool = False) -> SparsePatch:
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, shape in [
+        ("model.layers.0.mlp.up_proj.weight", (8, 6)),
+        ("model.layers.1.o_proj.weight", (5, 7)),
+    ]:
+        delta = torch.randn(*shape, generator=g)
+        mask = torch.rand(*shape, generator=g) < 0.3
+        tp = TensorPatch.from_dense(name, delta, mask)
+        if lowrank:
+            tp = TensorPatch(
+                name, shape, tp.indices, tp.values, (torch.randn(shape[0], 2), torch.randn(2, shape[1]))
+            )
+        tensors[name] = tp
+    tensors["empty.weight"] = TensorPatch(
+        "empty.weight", (3, 3), torch.zeros(0, dtype=torch.int64), torch.zeros(0)
+    )
+    meta = PatchMetadata(
+        config={"density": 0.3}, stats={"x": {"error": 1.5}}, reset_params=["model.norm.weight"]
+    )
+    return SparsePatch(tensors, meta)
+
+
+def test_round_trip_is_lossless_and_deterministic(tmp_path):
+    patch = _random_patch()
+    save_patch(patch, tmp_path / "a.safetensors")
+    loaded = load_patch(tmp_path / "a.safetensors")
+    assert loaded.equal(patch)
+    assert loaded.metadata.config == {"density": 0.3} and loaded.metadata.reset_params == [
+        "model.norm.weight"
+    ]
+    assert loaded.metadata.format_version == "1" and loaded.metadata.versions["model-tailor"]
+    save_patch(loaded, tmp_path / "b.safetensors")
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+
+
+def test_bf16_values_on_request(tmp_path):
+    patch = _random_patch()
+    save_patch(patch, tmp_path / "p.safetensors", value_dtype=torch.bfloat16)
+    loaded = load_patch(tmp_path / "p.safetensors")
+    for name, tp in patch.tensors.items():
+        assert torch.equal(loaded.tensors[name].values, tp.values.to(torch.bfloat16).float())
+    with pytest.raises(ConfigError, match="value_dtype"):
+        save_patch(patch, tmp_path / "q.safetensors", value_dtype=torch.int8)
+    assert not (tmp_path / "q.safetensors").exists()
+
+
+def test_lowrank_writes_v2_and_round_trips(tmp_path):
+    patch = _random_patch(lowrank=True)
+    save_patch(patch, tmp_path / "p.safetensors")
+    loaded = load_patch(tmp_path / "p.safetensors")
+    assert loaded.metadata.format_version == "2" and loaded.equal(patch)
+
+
+def test_index_dtype_switches_at_2_pow_31():
+    assert _index_dtype(2**31 - 1) == torch.int32 and _index_dtype(2**31) == torch.int64
+
+
+def test_failed_save_leaves_no_file(tmp_path):
+    patch = _random_patch()
+    patch.metadata.config = {"bad": object()}
+    with pytest.raises(PatchFormatError, match="JSON"):
+        save_patch(patch, tmp_path / "p.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- damaged files ------------------------------------------------------------------------------------------
+def _meta(**over) -> dict[str, str]:
+    meta = {"format": FORMAT_NAME, "format_version": "1", "shapes": json.dumps({"w": [2, 3]})}
+    meta.update(over)
+    return {k: v for k, v in meta.items() if v is not None}
+
+
+def _write(path, tensors=None, **meta_over):
+    if tensors is None:
+        tensors = {"indices/w": torch.tensor([0, 4], dtype=torch.int32), "values/w": torch.tensor([1.0, 2.0])}
+    save_file(tensors, str(path), metadata=_meta(**meta_over))
+    return path
+
+
+def test_valid_handmade_file_loads(tmp_path):
+    patch = load_patch(_write(tmp_path / "p.safetensors"))
+    assert patch.tensors["w"].to_dense().tolist() == [[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]]
+
+
+def _idx(values, dtype=torch.int32):
+    return torch.tensor(values, dtype=dtype)
+
+
+@pytest.mark.parametrize(
+    ("tensors", "meta", "match"),
+    [
+        (None, {"format": "something-else"}, "not a patch file"),
+        (None, {"format": None}, "not a patch file"),
+        (None, {"format_version": "3"}, "format version 3 is not supported"),
+        (None, {"format_version": "x"}, "not a version number"),
+        (None, {"shapes": None}, "no 'shapes' entry"),
+        (None, {"shapes": "{not json"}, "'shapes' is not valid JSON"),
+        (None, {"shapes": json.dumps({"other": [2, 3]})}, "'w' has no entry in metadata 'shapes'"),
+        ({"indices/w": _idx([4, 0]), "values/w": torch.ones(2)}, {}, "not sorted"),
+        ({"indices/w": _idx([1, 1]), "values/w": torch.ones(2)}, {}, "not unique"),
+        ({"indices/w": _idx([0, 6]), "values/w": torch.ones(2)}, {}, "out of range"),
+        ({"indices/w": _idx([[0, 1]]), "values/w": torch.ones(1, 2)}, {}, "must be 1-D"),
+        ({"indices/w": _idx([0, 1]), "values/w": torch.ones(3)}, {}, "2 indices but 3 values"),
+        ({"indices/w": torch.tensor([0.0, 1.0]), "values/w": torch.ones(2)}, {}, "expected int32 or int64"),
+        ({"indices/w": _idx([0, 1]), "values/w": torch.tensor([1.0, float("nan")])}, {}, "NaN/Inf"),
+        ({"indices/w": _idx([0, 1]), "values/w": torch.tensor([float("inf"), 1.0])}, {}, "NaN/Inf"),
+        ({"indices/w": _idx([0, 1])}, {}, "no 'values/w' entry"),
+        (
+            {"indices/w": _idx([0]), "values/w": torch.ones(1), "extra": torch.ones(1)},
+            {},
+            "unexpected tensor",
+        ),
+        (
+            {"indices/w": _idx([0]), "values/w": torch.ones(1), "lowrank_a/w": torch.ones(2, 1)},
+            {},
+            "need format version 2",
+        ),
+    ],
+)
+def test_damaged_files_raise_one_line_naming_the_problem(tmp_path, tensors, meta, match):
+    path = _write(tmp_path / "p.safetensors", tensors, **meta)
+    with pytest.raises(PatchFormatError, match=match) as info:
+        load_patch(path)
+    assert "\n" not in str(info.value) and "p.safetensors" in str(info.value)
+
+
+def test_missing_garbage_and_truncated_files(tmp_path):
+    with pytest.raises(PatchFormatError, match="does not exist"):
+        load_patch(tmp_path / "nope.safetensors")
+    (tmp_path / "garbage.safetensors").write_text("hello, I am not a patch")
+    with pytest.raises(PatchFormatError, match="not a safetensors file"):
+        load_patch(tmp_path / "garbage.safetensors")
+    good = save_patch(_random_patch(), tmp_path / "good.safetensors").read_bytes()
+    for cut in (4, 40, len(good) - 3):
+        (tmp_path / "cut.safetensors").write_bytes(good[:cut])
+        with pytest.raises(PatchFormatError, match="truncated"):
+            load_patch(tmp_path / "cut.safetensors")
+
+
+def test_unknown_metadata_keys_warn_and_are_kept(tmp_path):
+    path = _write(tmp_path / "p.safetensors", future_key="42", format_version="1.3")
+    with pytest.warns(UserWarning, match="future_key"):
+        patch = load_patch(path)
+    assert patch.metadata.extra == {"future_key": "42"}
