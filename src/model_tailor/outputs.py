@@ -1,0 +1,142 @@
+"""Outputs of a run: the sparse patch, and on request the full tailored model written shard by shard.
+
+Both stream one tensor at a time from the readers: a target is ``base`` with its tailored values, a changed
+non-target follows its action (METHOD §11), an identical tensor is copied from base. The patch holds every
+tensor that differs from base in the tailored model, so ``apply(base, patch)`` equals the saved model.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .calibration.data import CalibrationSet
+from .config import TailorConfig
+from .fingerprint import fingerprint
+from .io.atomic import atomic_write_json
+from .io.checkpoint import CheckpointWriter
+from .io.patch_file import save_patch
+from .patch import PatchMetadata, SparsePatch, TensorPatch, current_versions, dtype_name, utc_now
+from .report import TailorReport
+from .streaming import WeightSource
+from .targets import RELEASE_EVERY, TargetPlan
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["build_patch", "calibration_info", "save_model", "write_outputs"]
+
+
+class _Releasing:
+    """A reader view that unmaps its shards every few tensors (mapped pages count as resident memory)."""
+
+    def __init__(self, reader: Any) -> None:
+        self._reader, self._reads = reader, 0
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self._reader, attr)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._reader
+
+    def get(self, name: str) -> Any:
+        self._reads += 1
+        if self._reads % RELEASE_EVERY == 0:
+            self._reader.close()
+        return self._reader.get(name)
+
+
+def build_patch(
+    source: WeightSource, plan: TargetPlan, *, config: dict[str, Any], stats: dict[str, Any]
+) -> SparsePatch:
+    """Patch entries for targets, data-free tailored and kept non-targets; reset tensors are listed by name.
+
+    Consumes ``source.tailored`` (each entry is freed once its patch exists): write the model first.
+    """
+    tensors: dict[str, TensorPatch] = {}
+    for i, name in enumerate(sorted(source.tailored)):
+        if i % RELEASE_EVERY == 0:
+            source.release()
+        sv = source.tailored.pop(name)
+        base = source.base.get(name)
+        tensors[name] = TensorPatch.from_weights(name, base, sv.apply(base), sv.keep_mask(tuple(base.shape)))
+    for nt in plan.non_targets:
+        if nt.action == "keep":
+            tensors[nt.name] = TensorPatch.from_weights(
+                nt.name,
+                source.base.get(nt.name),
+                source.finetuned.get(nt.name).to(source.base.dtype(nt.name)),
+            )
+    reset = {nt.name: nt.reason for nt in plan.non_targets if nt.action == "reset"}
+    metadata = PatchMetadata(
+        base_dtypes={n: dtype_name(source.base.dtype(n)) for n in tensors},
+        base_fingerprint=fingerprint(_Releasing(source.base), content_names=sorted(tensors)),
+        config=config,
+        versions=current_versions(),
+        stats=stats,
+        reset_params=reset,
+        created=utc_now(),
+    )
+    return SparsePatch(tensors, metadata)
+
+
+def save_model(source: WeightSource, out_dir: Path, *, max_shard_bytes: int, overwrite: bool) -> Path:
+    """Write the tailored model (atomic folder, shard by shard) with the fine-tuned folder's side files."""
+    with CheckpointWriter(out_dir, max_shard_bytes=max_shard_bytes, overwrite=overwrite) as writer:
+        for i, name in enumerate(source.finetuned.names()):
+            if i % RELEASE_EVERY == 0:
+                source.release()
+            writer.add(name, source.get(name).to(source.base.dtype(name)))
+        writer.copy_files(source.finetuned.extra_files())
+        return writer.commit()
+
+
+def calibration_info(cfg: TailorConfig, calib: CalibrationSet | None) -> dict[str, Any]:
+    """The report's calibration section: file, exact lines used, counts and warnings (METHOD §10)."""
+    if calib is None:
+        return {"mode": "data-free"}
+    return {
+        "file": str(cfg.calibration),
+        "lines": calib.lines,
+        "available": calib.available,
+        "requested": calib.requested,
+        "n_tokens": calib.n_tokens,
+        "batches": len(calib.batches),
+        "warnings": calib.warnings,
+    }
+
+
+def write_outputs(
+    cfg: TailorConfig, source: WeightSource, make_patch: Callable[[], SparsePatch], report: TailorReport
+) -> SparsePatch:
+    """Write the model (if asked), build and write the patch, then the report.
+
+    A model folder made here is removed if anything after it fails. Returns the patch.
+    """
+    t0 = time.perf_counter()
+    created_model = None
+    out = Path(cfg.out) if cfg.out is not None else None
+    try:
+        if cfg.save_model is not None:
+            existed = Path(cfg.save_model).exists()
+            save_model(
+                source, Path(cfg.save_model), max_shard_bytes=cfg.max_shard_bytes, overwrite=cfg.overwrite
+            )
+            created_model = None if existed else Path(cfg.save_model)
+            report.outputs["model"] = str(cfg.save_model)
+        patch = make_patch()
+        if out is not None:
+            report.outputs["patch"] = str(out)
+            report.outputs["report"] = str(out.with_name(out.name + ".report.json"))
+            report.seconds["write"] = time.perf_counter() - t0
+            save_patch(patch, out)
+            atomic_write_json(out.with_name(out.name + ".report.json"), report.to_json())
+    except BaseException:
+        if created_model is not None:
+            shutil.rmtree(created_model, ignore_errors=True)
+        raise
+    report.seconds["write"] = time.perf_counter() - t0
+    return patch

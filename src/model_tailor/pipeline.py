@@ -1,0 +1,390 @@
+"""run_tailor(cfg): the only module that knows the stage order of a tailoring run (METHOD §9).
+
+1 open base and fine-tuned lazily, check them against each other, diff tensor by tensor (NaN/Inf check);
+2 build a meta skeleton, discover its block lists, select targets and the policy of the other changed tensors;
+3 build seeded calibration batches; 4 for each block list holding targets, in forward order: capture the
+inputs
+(+ every keyword argument) of its first targeted block, then per block: Hessians of the targets (fine-tuned
+weights) -> tailor each target -> run the TAILORED block to get the next inputs (propagate: tailored, D17);
+5 write the patch, the optional tailored model and the report. Resumable per finished block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .architectures import ModelLayout, build_skeleton, checkpoint_names, discover_layout
+from .block_stats import BlockHessians
+from .calibration.capture import BlockCall, capture_inputs, replace_hidden, run_block
+from .calibration.data import CalibrationSet, build_calibration, read_records
+from .config import TailorConfig
+from .errors import CheckpointError, ConfigError
+from .io.checkpoint import CheckpointReader, check_compatible
+from .kernel import tailor_weight
+from .masking import select_keep_masks_global
+from .outputs import build_patch, calibration_info, write_outputs
+from .patch import SparsePatch
+from .planning import estimate_plan
+from .report import LayerReport, TailorPlan, TailorReport
+from .resume import WorkDir, run_key
+from .streaming import Materializer, SparseValues, WeightSource
+from .targets import RELEASE_EVERY, TargetParam, TargetPlan, diff_checkpoints, select_targets
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["TailorResult", "plan_tailor", "run_tailor"]
+
+
+@dataclass
+class TailorResult:
+    """The patch and the report of one run."""
+
+    patch: SparsePatch
+    report: TailorReport
+
+
+@dataclass
+class _Prepared:
+    base: CheckpointReader
+    finetuned: CheckpointReader
+    model: torch.nn.Module
+    layout: ModelLayout
+    to_ckpt: dict[str, str]
+    plan: TargetPlan
+    seconds: float
+
+
+def _prepare(cfg: TailorConfig) -> _Prepared:
+    t0 = time.perf_counter()
+    base, ft = CheckpointReader(cfg.base), CheckpointReader(cfg.finetuned)
+    bcfg, fcfg = base.config(), ft.config()
+    keys = ("model_type", "architectures")
+    if bcfg and fcfg and any(bcfg.get(k) != fcfg.get(k) for k in keys):
+        diffs = ", ".join(
+            f"{k}: base {bcfg.get(k)!r} vs finetuned {fcfg.get(k)!r}"
+            for k in keys
+            if bcfg.get(k) != fcfg.get(k)
+        )
+        raise CheckpointError(f"base and finetuned are different architectures ({diffs})")
+    check_compatible(base, ft)
+    names = base.names()
+    diff = diff_checkpoints(base, ft, names)
+    model = build_skeleton(str(ft.config_dir))
+    layout = discover_layout(model)
+    param_names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    to_ckpt = checkpoint_names(model, param_names, set(names))
+    plan = select_targets(
+        model, layout, to_ckpt, diff, include=cfg.include, exclude=cfg.exclude, policy=cfg.non_target_policy
+    )
+    return _Prepared(base, ft, model, layout, to_ckpt, plan, time.perf_counter() - t0)
+
+
+def plan_tailor(cfg: TailorConfig) -> TailorPlan:
+    """What :func:`run_tailor` would do (``--dry-run``): reads the checkpoints and the calibration file
+    only."""
+    prep = _prepare(cfg)
+    n_records = len(read_records(cfg.calibration)) if cfg.calibration is not None else None
+    return estimate_plan(prep.model, prep.layout, prep.plan, prep.base, cfg, n_records)
+
+
+def _device(cfg: TailorConfig) -> torch.device:
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device: {cfg.device!r} requested but CUDA is not available; use --device cpu")
+    return torch.device(cfg.device)
+
+
+class _Runner:
+    """State of one run; methods are the stages, called in order by :func:`run_tailor`."""
+
+    def __init__(self, cfg: TailorConfig, prep: _Prepared, progress: bool) -> None:
+        self.cfg, self.prep, self.progress = cfg, prep, progress
+        self.device = _device(cfg)
+        self.dtype = getattr(torch, cfg.dtype)
+        self.source = WeightSource(prep.base, prep.finetuned, prep.plan, self._tailor_data_free)
+        self.mat = Materializer(prep.model, prep.to_ckpt, self.source, self.device, self.dtype)
+        self.layers: dict[str, LayerReport] = {}
+        self.data_free: dict[str, dict[str, Any]] = {}
+        self.warnings: list[str] = []
+        self.keep_masks: dict[str, torch.Tensor] = {}
+        self.workdir: WorkDir | None = None
+        self.block_paths = [bl.block_path(i) for bl in prep.layout.block_lists for i in range(bl.length)]
+
+    # -- kernel calls ---------------------------------------------------------------------------------------
+    def _kernel(
+        self,
+        name: str,
+        base: torch.Tensor,
+        ft: torch.Tensor,
+        H: torch.Tensor | None,
+        transposed: bool,
+        keep_mask: torch.Tensor | None = None,
+    ) -> tuple[SparseValues, dict[str, Any]]:
+        cfg = self.cfg
+        b32, f32 = base.to(self.device, torch.float32), ft.to(self.device, torch.float32)
+        if transposed:  # GPT-2 Conv1D stores (in, out); the kernel wants (rows=out, cols=in) (METHOD §1)
+            b32, f32 = b32.T.contiguous(), f32.T.contiguous()
+            keep_mask = keep_mask.T.contiguous() if keep_mask is not None else None
+        free = H is None
+        res = tailor_weight(
+            b32,
+            f32,
+            H,
+            density=cfg.density,
+            alpha=1.0 if free else cfg.alpha,
+            block_size=cfg.block_size,
+            percdamp=cfg.percdamp,
+            compensation="none" if free else cfg.compensation,
+            granularity="block" if cfg.granularity == "global" else cfg.granularity,
+            sensitivity=cfg.sensitivity,
+            mask_timing=cfg.mask_timing,
+            guard=cfg.guard,
+            keep_mask=keep_mask,
+            name=name,
+        )
+        W, mask = (res.weight.T, res.keep_mask.T) if transposed else (res.weight, res.keep_mask)
+        stats = dataclasses.asdict(res.stats)
+        stats["data_free"] = free
+        return SparseValues.from_dense(base, W.to(base.dtype), mask), stats
+
+    def _tailor_data_free(self, name: str, base: torch.Tensor, ft: torch.Tensor) -> SparseValues:
+        """``tailor`` policy for Linears outside blocks: salience-only, no calibration (METHOD §10)."""
+        nt = next(n for n in self.prep.plan.non_targets if n.name == name)
+        sv, stats = self._kernel(name, base, ft, None, nt.transposed)
+        self.data_free[name] = stats
+        return sv
+
+    def _tailor_target(self, t: TargetParam, H: torch.Tensor | None) -> dict[str, Any]:
+        base, ft = self.source.base.get(t.name), self.source.finetuned.get(t.name)
+        if H is None and not self.cfg.data_free:
+            msg = (
+                f"{t.name}: received no calibration tokens; tailored data-free (salience only, uncompensated)"
+            )
+            logger.warning("%s", msg)
+            self.warnings.append(msg)
+        sv, stats = self._kernel(t.name, base, ft, H, t.transposed, self.keep_masks.pop(t.name, None))
+        self.source.tailored[t.name] = sv
+        return stats
+
+    # -- stages ---------------------------------------------------------------------------------------------
+    def global_masks(self) -> None:
+        """``granularity: global``: one threshold over all targets on salience |delta| (METHOD §4, §7).
+
+        The fused score's sensitivity half needs the compensated weights of each block, which a global
+        threshold
+        cannot wait for; salience is the part of the score that is comparable across tensors. The masks are
+        then
+        fixed, and compensation runs on them as usual.
+        """
+        scores = {}
+        for i, t in enumerate(self.prep.plan.targets):
+            if i % RELEASE_EVERY == 0:
+                self.source.release()
+            scores[t.name] = (
+                self.source.finetuned.get(t.name).float() - self.source.base.get(t.name).float()
+            ).abs()
+        self.keep_masks = select_keep_masks_global(scores, self.cfg.density)
+
+    def resume(self, out: Path) -> None:
+        cfg = self.cfg
+        self.workdir = WorkDir(
+            out, run_key(cfg.fingerprint(), Path(cfg.base), Path(cfg.finetuned), cfg.calibration)
+        )
+        for bl, idx in self.prep.plan.block_order:
+            path = f"{bl}.{idx}"
+            loaded = self.workdir.load_block(path)
+            if loaded is None:
+                continue
+            tensors, layer = loaded
+            self.source.tailored.update(tensors)
+            for t in self.prep.plan.targets_in(bl, idx):
+                self.keep_masks.pop(t.name, None)
+            self.layers[path] = LayerReport(**{**layer, "resumed": True})
+        if self.layers:
+            logger.info("resuming: %d finished block(s) loaded from %s", len(self.layers), self.workdir.path)
+
+    def data_free_targets(self) -> None:
+        for i, t in enumerate(self.prep.plan.targets):
+            if i % RELEASE_EVERY == 0:
+                self.source.release()
+            path = f"{t.block_list}.{t.block}"
+            layer = self.layers.setdefault(path, LayerReport(path))
+            layer.tensors[t.name] = self._tailor_target(t, None)
+
+    def block_lists(self, calib: CalibrationSet) -> None:
+        model, plan = self.prep.model, self.prep.plan
+        nq = getattr(model.config, "num_query_tokens", 0) or 0
+        for bl in self.prep.layout.block_lists:
+            indices = [i for b, i in plan.block_order if b == bl.path]
+            if not indices:
+                continue
+            first, last = min(indices), max(indices)
+            t0 = time.perf_counter()
+            handles = self.mat.install_hooks(self.block_paths)
+            try:
+                calls = capture_inputs(
+                    model,
+                    model.get_submodule(bl.block_path(first)),
+                    [b.inputs for b in calib.batches],
+                    device=self.device,
+                    dtype=self.dtype,
+                    block_name=bl.block_path(first),
+                )
+            finally:
+                for h in handles:
+                    h.remove()
+                self.mat.offload_all()
+            masks = [_token_masks(bl.role, b.inputs, b.token_mask, nq) for b in calib.batches]
+            logger.info("captured inputs of %s in %.2fs", bl.block_path(first), time.perf_counter() - t0)
+            blocks = range(first, last + 1)
+            bar = _bar(blocks, f"tailor {bl.path}", self.progress)
+            for idx in bar:
+                calls = self.block(bl.path, idx, calls, masks, last_in_list=idx == last)
+
+    def block(
+        self,
+        list_path: str,
+        idx: int,
+        calls: list[BlockCall],
+        masks: list[list[torch.Tensor]],
+        last_in_list: bool,
+    ) -> list[BlockCall]:
+        path = f"{list_path}.{idx}"
+        targets = self.prep.plan.targets_in(list_path, idx)
+        self.mat.load(path)
+        block = self.prep.model.get_submodule(path)
+        try:
+            if targets and path not in self.layers:
+                layer = LayerReport(path)
+                t0 = time.perf_counter()
+                stats = BlockHessians(
+                    {t.name: self.prep.model.get_submodule(t.module) for t in targets}, self.device
+                )
+                try:
+                    for call, m in zip(calls, masks, strict=True):
+                        stats.set_masks(m)
+                        run_block(block, call)
+                        stats.end_batch()
+                    layer.seconds["hessian"] = time.perf_counter() - t0
+                    layer.n_tokens = max((stats.n_tokens(t.name) for t in targets), default=0)
+                    t0 = time.perf_counter()
+                    for t in targets:
+                        layer.tensors[t.name] = self._tailor_target(t, stats.hessian(t.name))
+                finally:
+                    stats.close()
+                layer.seconds["tailor"] = time.perf_counter() - t0
+                for t in targets:
+                    self.mat.set_weight(t.module, "weight", self.source.get(t.name))
+                self.layers[path] = layer
+                if self.workdir is not None:
+                    self.workdir.save_block(
+                        path,
+                        {t.name: self.source.tailored[t.name] for t in targets},
+                        dataclasses.asdict(layer),
+                    )
+            if last_in_list:
+                return calls
+            t0 = time.perf_counter()
+            out = [replace_hidden(c, run_block(block, c).to(self.dtype)) for c in calls]
+            if path in self.layers:
+                self.layers[path].seconds["propagate"] = time.perf_counter() - t0
+            return out
+        finally:
+            self.mat.offload(path)
+            self.source.release()
+
+
+def _token_masks(
+    role: str, inputs: dict[str, torch.Tensor], token_mask: torch.Tensor, nq: int
+) -> list[torch.Tensor]:
+    """Candidate padding masks of a batch for the Hessians of a block list of ``role`` (METHOD §9, D16)."""
+    if role == "language":
+        return [token_mask]
+    if role == "qformer" and "qformer_attention_mask" in inputs:
+        q = inputs["qformer_attention_mask"].bool()
+        return [torch.cat([torch.ones(q.shape[0], nq, dtype=torch.bool), q], dim=1), q]
+    return []
+
+
+def _bar(items: Any, desc: str, enabled: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit="block", disable=not enabled, leave=False)
+
+
+def run_tailor(cfg: TailorConfig, *, progress: bool = False) -> TailorResult:
+    """Tailor ``cfg.finetuned`` against ``cfg.base``; write ``cfg.out`` (+ report) and ``cfg.save_model`` if
+    set.
+
+    Args:
+        cfg: resolved options.
+        progress: show tqdm bars (stderr) per block.
+
+    Returns:
+        :class:`TailorResult` with the in-memory patch and report.
+    """
+    seconds: dict[str, float] = {}
+    if cfg.save_model is not None and Path(cfg.save_model).exists() and not cfg.overwrite:
+        raise CheckpointError(
+            f"--save-model {str(cfg.save_model)!r} already exists; remove it or pass --overwrite"
+        )
+    prep = _prepare(cfg)
+    seconds["load_and_diff"] = prep.seconds
+    plan_view = estimate_plan(prep.model, prep.layout, prep.plan, prep.base, cfg, None)
+    runner = _Runner(cfg, prep, progress)
+    if cfg.out is not None:
+        runner.resume(Path(cfg.out))
+    calib = None
+    t0 = time.perf_counter()
+    if not cfg.data_free:
+        calib = build_calibration(
+            cfg.calibration,
+            prep.finetuned.config_dir,
+            samples=cfg.samples,
+            max_tokens=cfg.max_tokens,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+            model_cls=type(prep.model),
+        )
+        runner.warnings.extend(calib.warnings)
+    seconds["calibration"] = time.perf_counter() - t0
+    if cfg.granularity == "global":
+        runner.global_masks()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        if calib is None:
+            runner.data_free_targets()
+        elif prep.plan.targets:
+            runner.block_lists(calib)
+        for nt in prep.plan.non_targets:  # resolve tailor-policy tensors (data-free) now, not while writing
+            if nt.action == "tailor":
+                runner.source.get(nt.name)
+    seconds["tailor"] = time.perf_counter() - t0
+    if not prep.plan.targets:
+        runner.warnings.append("no tensor qualifies as a target (no changed Linear weight inside the blocks)")
+    layers = [runner.layers[f"{b}.{i}"] for b, i in prep.plan.block_order if f"{b}.{i}" in runner.layers]
+    report = TailorReport(
+        config=cfg.model_dump(mode="json"),
+        plan=plan_view,
+        layers=layers,
+        data_free=runner.data_free,
+        seconds=seconds,
+        warnings=runner.warnings,
+    )
+    stats = {**{n: s for layer in layers for n, s in layer.tensors.items()}, **runner.data_free}
+    report.calibration = calibration_info(cfg, calib)
+    patch = write_outputs(
+        cfg,
+        runner.source,
+        lambda: build_patch(runner.source, prep.plan, config=report.config, stats=stats),
+        report,
+    )
+    if runner.workdir is not None:
+        runner.workdir.remove()
+    return TailorResult(patch, report)

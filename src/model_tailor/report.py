@@ -1,0 +1,146 @@
+"""TailorReport: what a tailoring run did, as JSON (``<out>.report.json``) and as a readable summary.
+
+Per layer: kept entries, reconstruction error without and with compensation (METHOD §13), time per stage.
+Every changed non-target is listed with its action (METHOD §11); the calibration lines used are recorded
+(§10).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["LayerReport", "TailorPlan", "TailorReport"]
+
+
+@dataclass
+class LayerReport:
+    """One block: ``tensors`` maps target name -> kernel stats (kept, numel, density, errors, used)."""
+
+    block: str
+    tensors: dict[str, dict[str, Any]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    n_tokens: int = 0
+    resumed: bool = False
+
+    @property
+    def kept(self) -> int:
+        return sum(int(s["kept"]) for s in self.tensors.values())
+
+    @property
+    def numel(self) -> int:
+        return sum(int(s["numel"]) for s in self.tensors.values())
+
+    def error(self, key: str) -> float | None:
+        vals = [s.get(key) for s in self.tensors.values()]
+        return None if not vals or any(v is None for v in vals) else float(sum(vals))
+
+
+@dataclass
+class TailorPlan:
+    """What a run will do (``--dry-run`` prints it before any heavy work)."""
+
+    architecture: str
+    block_lists: list[dict[str, Any]]
+    targets: list[dict[str, Any]]
+    non_targets: list[dict[str, Any]]
+    identical: int
+    layer_order: list[str]
+    calibration_records: int | None
+    peak_memory_bytes: int
+    estimated_seconds: float
+
+    def to_text(self) -> str:
+        lines = [f"architecture: {self.architecture}", "block lists (forward order):"]
+        lines += [f"  {b['path']} x{b['length']} ({b['role']}, {b['block_class']})" for b in self.block_lists]
+        lines.append(f"targets: {len(self.targets)} tensors in {len(self.layer_order)} blocks")
+        lines += [f"  {t['name']} {t['shape']}" for t in self.targets]
+        lines.append(f"changed non-targets: {len(self.non_targets)}")
+        lines += [f"  {n['name']}: {n['action']} ({n['reason']})" for n in self.non_targets]
+        lines.append(f"identical tensors copied through: {self.identical}")
+        lines.append("layer order: " + (", ".join(self.layer_order) or "(none)"))
+        if self.calibration_records is not None:
+            lines.append(f"calibration records available: {self.calibration_records}")
+        lines.append(f"estimated peak memory: {self.peak_memory_bytes / 2**20:.1f} MiB")
+        lines.append(f"estimated time: {self.estimated_seconds:.1f} s (rough)")
+        return "\n".join(lines)
+
+
+@dataclass
+class TailorReport:
+    """Everything recorded about a run; :meth:`to_json` is written beside the patch."""
+
+    config: dict[str, Any]
+    plan: TailorPlan
+    layers: list[LayerReport] = field(default_factory=list)
+    data_free: dict[str, dict[str, Any]] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    outputs: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def kept(self) -> int:
+        return sum(layer.kept for layer in self.layers)
+
+    @property
+    def numel(self) -> int:
+        return sum(layer.numel for layer in self.layers)
+
+    def to_json(self) -> dict[str, Any]:
+        layers = []
+        for layer in self.layers:
+            d = dataclasses.asdict(layer)
+            d.update(
+                kept=layer.kept,
+                numel=layer.numel,
+                error_masked=layer.error("error_masked"),
+                error_compensated=layer.error("error_compensated"),
+            )
+            layers.append(d)
+        return {
+            "config": self.config,
+            "plan": dataclasses.asdict(self.plan),
+            "layers": layers,
+            "data_free": self.data_free,
+            "calibration": self.calibration,
+            "seconds": self.seconds,
+            "warnings": self.warnings,
+            "outputs": self.outputs,
+            "totals": {
+                "kept": self.kept,
+                "numel": self.numel,
+                "density": self.kept / self.numel if self.numel else 0.0,
+            },
+        }
+
+    def to_text(self) -> str:
+        density = self.kept / self.numel if self.numel else 0.0
+        lines = [
+            f"tailored {len(self.plan.targets)} tensors in {len(self.layers)} blocks of "
+            f"{self.plan.architecture}: kept {self.kept} of {self.numel} entries (density {density:.4f})",
+            f"{'block':<44} {'kept':>10} {'err masked':>12} {'err comp':>12} {'sec':>7}",
+        ]
+        for layer in self.layers:
+            em, ec = layer.error("error_masked"), layer.error("error_compensated")
+            lines.append(
+                f"{layer.block:<44} {layer.kept:>10} {_fmt(em):>12} {_fmt(ec):>12} "
+                f"{sum(layer.seconds.values()):>7.2f}{' (resumed)' if layer.resumed else ''}"
+            )
+        actions: dict[str, int] = {}
+        for n in self.plan.non_targets:
+            actions[n["action"]] = actions.get(n["action"], 0) + 1
+        if actions:
+            lines.append("changed non-targets: " + ", ".join(f"{v} {k}" for k, v in sorted(actions.items())))
+        cal = self.calibration
+        if cal:
+            lines.append(f"calibration: {len(cal.get('lines', []))} records, {cal.get('n_tokens', 0)} tokens")
+        lines.append("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items()))
+        lines += [f"warning: {w}" for w in self.warnings]
+        lines += [f"{k}: {v}" for k, v in self.outputs.items()]
+        return "\n".join(lines)
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4g}"

@@ -1,0 +1,81 @@
+"""Resumable runs: one checkpoint file per finished block in a work folder beside ``--out``.
+
+The folder name carries a hash of the resolved config and of the inputs (checkpoint structure, weight file
+sizes
+and times, calibration bytes), so a rerun with the same arguments continues from the last finished block and a
+changed run starts afresh. Files are written atomically; the folder is removed once the outputs are committed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .io.atomic import atomic_path
+from .streaming import SparseValues
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["WorkDir", "run_key"]
+
+
+def _file_stamp(path: Path) -> list[Any]:
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    return [
+        [p.name, p.stat().st_size, p.stat().st_mtime_ns]
+        for p in files
+        if p.suffix in (".safetensors", ".json")
+    ]
+
+
+def run_key(config_fingerprint: str, base: Path, finetuned: Path, calibration: Path | None) -> str:
+    h = hashlib.sha256(config_fingerprint.encode())
+    h.update(json.dumps([_file_stamp(base), _file_stamp(finetuned)]).encode())
+    if calibration is not None:
+        h.update(calibration.read_bytes())
+    return h.hexdigest()[:16]
+
+
+class WorkDir:
+    """Per-block checkpoints of tailored tensors (sparse indices + values) and their layer report."""
+
+    def __init__(self, out: Path, key: str) -> None:
+        self.path = out.with_name(f".{out.name}.work-{key}")
+
+    def _file(self, block: str) -> Path:
+        return self.path / f"{block}.safetensors"
+
+    def save_block(self, block: str, tensors: dict[str, SparseValues], layer: dict[str, Any]) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        flat: dict[str, torch.Tensor] = {}
+        for name, sv in tensors.items():
+            flat[f"{name}/indices"] = sv.indices.contiguous()
+            flat[f"{name}/values"] = sv.values.contiguous()
+        with atomic_path(self._file(block)) as tmp:
+            save_file(flat, str(tmp), metadata={"layer": json.dumps(layer, default=str)})
+
+    def load_block(self, block: str) -> tuple[dict[str, SparseValues], dict[str, Any]] | None:
+        file = self._file(block)
+        if not file.is_file():
+            return None
+        try:
+            with safe_open(file, framework="pt") as f:
+                layer = json.loads(f.metadata()["layer"])
+                keys = list(f.keys())
+                parts = {k: f.get_tensor(k) for k in keys}
+        except Exception as err:  # noqa: BLE001 - a damaged checkpoint is recomputed, never trusted
+            logger.warning("resume: ignoring unreadable %s (%s)", file, err)
+            return None
+        names = {k.rsplit("/", 1)[0] for k in keys}
+        return {n: SparseValues(parts[f"{n}/indices"], parts[f"{n}/values"]) for n in names}, layer
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)

@@ -1,0 +1,215 @@
+"""`model-tailor tailor` from the command line: success, dry run, config files, and every error path.
+
+Each error gives exactly one stderr line and a non-zero exit, and leaves nothing behind in the output folder.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from model_tailor.cli import main
+from model_tailor.io.checkpoint import CheckpointReader
+
+
+def _args(pair, out_dir, *extra):
+    return [
+        "tailor",
+        "--base",
+        str(pair.base),
+        "--finetuned",
+        str(pair.finetuned),
+        "--calibration",
+        str(pair.calibration),
+        "--out",
+        str(out_dir / "p.safetensors"),
+        "--quiet",
+        "--samples",
+        "4",
+        *extra,
+    ]
+
+
+def _fails(capsys, argv, out_dir, code, match):
+    before = sorted(p.name for p in out_dir.iterdir())
+    rc = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == code, err
+    assert len(err) == 1 and err[0].startswith("model-tailor tailor: error: "), err
+    assert match in err[0], err[0]
+    assert sorted(p.name for p in out_dir.iterdir()) == before, "something was written"
+    return err[0]
+
+
+def _copy_with(tmp_path, pair, name, edit):
+    folder = tmp_path / name
+    shutil.copytree(pair.finetuned, folder)
+    reader = CheckpointReader(folder)
+    state = {n: reader.get(n) for n in reader.names()}
+    reader.close()
+    edit(state)
+    save_file(state, str(folder / "model.safetensors"))
+    return folder
+
+
+def test_success_writes_patch_report_and_summary(pico, tmp_path, capsys):
+    pair = pico("llama")
+    rc = main(_args(pair, tmp_path)[:-3] + ["--samples", "4", "--density", "0.25", "--block-size", "16"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert (tmp_path / "p.safetensors").is_file()
+    report = json.loads((tmp_path / "p.safetensors.report.json").read_text())
+    lines = report["calibration"]["lines"]
+    assert len(lines) == 4 and lines == sorted(lines) and set(lines) <= {1, 2, 3, 4, 5}
+    assert report["layers"][0]["seconds"].keys() >= {"hessian", "tailor"}
+    assert "kept" in out and "model.layers.1" in out
+
+
+def test_dry_run_prints_plan_and_writes_nothing(pico, tmp_path, capsys):
+    pair = pico("llava")
+    rc = main(_args(pair, tmp_path, "--dry-run"))
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "targets:" in out and "language_model.model.layers.0.mlp.up_proj.weight" in out
+    assert "multi_modal_projector.linear_1.weight: reset" in out
+    assert "layer order: model.language_model.layers.0, model.language_model.layers.1" in out
+    assert "estimated peak memory" in out and "estimated time" in out
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_config_file_and_flag_override(pico, tmp_path, capsys):
+    pair = pico("llama")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        f"base: {pair.base}\nfinetuned: {pair.finetuned}\ncalibration: {pair.calibration}\n"
+        "density: 0.5\nsamples: 2\n"
+    )
+    rc = main(
+        [
+            "tailor",
+            "--config",
+            str(cfg),
+            "--density",
+            "0.25",
+            "--out",
+            str(tmp_path / "p.safetensors"),
+            "--quiet",
+        ]
+    )
+    assert rc == 0
+    report = json.loads((tmp_path / "p.safetensors.report.json").read_text())
+    assert report["config"]["density"] == 0.25 and report["config"]["samples"] == 2
+
+
+def test_unknown_config_key(pico, tmp_path, capsys):
+    pair = pico("llama")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        f"base: {pair.base}\nfinetuned: {pair.finetuned}\ncalibration: {pair.calibration}\ndesnity: 1\n"
+    )
+    out = tmp_path / "out"
+    out.mkdir()
+    _fails(
+        capsys,
+        ["tailor", "--config", str(cfg), "--out", str(out / "p.safetensors")],
+        out,
+        2,
+        "desnity: unknown option",
+    )
+
+
+@pytest.mark.parametrize("density", ["0", "1.5"])
+def test_bad_density(pico, tmp_path, capsys, density):
+    _fails(capsys, _args(pico("llama"), tmp_path, "--density", density), tmp_path, 2, "density")
+
+
+def test_mismatched_architectures(pico, tmp_path, capsys):
+    llama, llava = pico("llama"), pico("llava")
+    argv = _args(llama, tmp_path)
+    argv[argv.index("--finetuned") + 1] = str(llava.finetuned)
+    _fails(capsys, argv, tmp_path, 1, "different architectures")
+
+
+def test_shape_mismatch_and_missing_tensors_list_every_offender(pico, tmp_path, capsys):
+    pair = pico("llama")
+
+    def edit(state):
+        state["model.norm.weight"] = torch.ones(7)
+        state["lm_head.weight"] = torch.zeros(3, 32)
+        del state["model.layers.0.mlp.up_proj.weight"]
+
+    bad = _copy_with(tmp_path, pair, "bad", edit)
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = _args(pair, out)
+    argv[argv.index("--finetuned") + 1] = str(bad)
+    line = _fails(capsys, argv, out, 1, "do not match")
+    for name in ("model.norm.weight", "lm_head.weight", "model.layers.0.mlp.up_proj.weight"):
+        assert name in line
+
+
+def test_nan_weights(pico, tmp_path, capsys):
+    pair = pico("llama")
+    bad = _copy_with(
+        tmp_path,
+        pair,
+        "bad",
+        lambda s: s["model.layers.1.mlp.up_proj.weight"].view(-1)[3].fill_(float("nan")),
+    )
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = _args(pair, out)
+    argv[argv.index("--finetuned") + 1] = str(bad)
+    _fails(capsys, argv, out, 1, "model.layers.1.mlp.up_proj.weight (finetuned)")
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        ("", "holds no records"),
+        ('{"text": "ok"}\n{"text": 3\n', "c.jsonl:2: not valid JSON"),
+        ('{"text": "ok"}\n{"txt": "a"}\n', "c.jsonl:2: unknown record keys"),
+    ],
+)
+def test_bad_calibration(pico, tmp_path, capsys, content, match):
+    cal = tmp_path / "c.jsonl"
+    cal.write_text(content)
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = _args(pico("llama"), out)
+    argv[argv.index("--calibration") + 1] = str(cal)
+    _fails(capsys, argv, out, 1, match)
+
+
+def test_unreadable_image(pico, tmp_path, capsys):
+    (tmp_path / "broken.png").write_text("not an image")
+    cal = tmp_path / "c.jsonl"
+    cal.write_text(json.dumps({"prompt": "describe this", "response": "a cat", "image": "broken.png"}) + "\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = _args(pico("llava"), out)
+    argv[argv.index("--calibration") + 1] = str(cal)
+    _fails(capsys, argv, out, 1, "broken.png")
+
+
+def test_missing_checkpoint(pico, tmp_path, capsys):
+    argv = _args(pico("llama"), tmp_path)
+    argv[argv.index("--base") + 1] = str(tmp_path / "nope")
+    _fails(capsys, argv, tmp_path, 1, "does not exist")
+
+
+def test_nothing_to_write(pico, tmp_path, capsys):
+    argv = _args(pico("llama"), tmp_path)
+    i = argv.index("--out")
+    del argv[i : i + 2]
+    _fails(capsys, argv, tmp_path, 2, "nothing to write")
+
+
+def test_cuda_unavailable(pico, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    _fails(capsys, _args(pico("llama"), tmp_path, "--device", "cuda"), tmp_path, 2, "CUDA is not available")

@@ -1,0 +1,107 @@
+"""End to end on a pico Llama: tailor -> patch -> apply -> load -> forward; policies, granularities,
+resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def test_llama_default(tailor_and_check):
+    check = tailor_and_check("llama")
+    report = check.result.report
+    assert [layer.block for layer in report.layers] == ["model.layers.1", "model.layers.2"]
+    # layer 0 was not fine-tuned: no target there, its tensors are copied through
+    assert not any(".layers.0." in t["name"] for t in report.plan.targets)
+    assert all(n["action"] == "reset" for n in report.plan.non_targets)
+    assert "model.norm.weight" in {n["name"] for n in report.plan.non_targets}
+
+
+def test_llama_keep_policy_and_row_granularity(tailor_and_check):
+    check = tailor_and_check("llama", non_target_policy="keep", granularity="row", compensation="exact")
+    assert torch.equal(check.patched["model.norm.weight"], check.finetuned["model.norm.weight"])
+
+
+@pytest.mark.parametrize("compensation", ["official", "none"])
+def test_llama_compensation_switches(tailor_and_check, compensation):
+    check = tailor_and_check("llama", compensation=compensation, granularity="tensor")
+    stats = [s for layer in check.result.report.layers for s in layer.tensors.values()]
+    assert all(s["compensation"] == compensation for s in stats)
+
+
+def test_llama_global_granularity(pico, tmp_path):
+    from model_tailor.api import tailor
+
+    pair = pico("llama")
+    res = tailor(pair.base, pair.finetuned, pair.calibration, density=0.25, granularity="global", samples=4)
+    kept = sum(tp.nnz for tp in res.patch.tensors.values())
+    total = sum(layer.numel for layer in res.report.layers)
+    assert kept == total // 4
+
+
+def test_llama_include_exclude(pico):
+    from model_tailor.api import tailor
+
+    pair = pico("llama")
+    res = tailor(
+        pair.base,
+        pair.finetuned,
+        pair.calibration,
+        density=0.25,
+        samples=4,
+        include=["*.mlp.*"],
+        exclude=["*down_proj*"],
+    )
+    names = [t["name"] for t in res.report.plan.targets]
+    assert names and all(".mlp." in n and "down_proj" not in n for n in names)
+    reasons = {n["name"]: n["reason"] for n in res.report.plan.non_targets}
+    assert "excluded by pattern" in reasons["model.layers.1.mlp.down_proj.weight"]
+
+
+def test_llama_data_free_and_tailor_policy(pico, tmp_path):
+    from model_tailor.api import tailor
+
+    pair = pico("llama")
+    res = tailor(
+        pair.base,
+        pair.finetuned,
+        None,
+        alpha=1.0,
+        compensation="none",
+        density=0.25,
+        non_target_policy="tailor",
+        out=tmp_path / "p.safetensors",
+    )
+    assert res.report.calibration == {"mode": "data-free"}
+    assert all(s["data_free"] for layer in res.report.layers for s in layer.tensors.values())
+
+
+def test_llama_resume(pico, tmp_path, monkeypatch):
+    """An interrupted run restarts from the last finished block (checkpoint per block), then cleans up."""
+    from model_tailor import pipeline
+    from model_tailor.api import tailor
+
+    pair = pico("llama")
+    out = tmp_path / "p.safetensors"
+    original = pipeline._Runner._tailor_target
+    calls = []
+
+    def flaky(self, t, H):
+        calls.append(t.name)
+        if ".layers.2." in t.name:
+            raise KeyboardInterrupt
+        return original(self, t, H)
+
+    monkeypatch.setattr(pipeline._Runner, "_tailor_target", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        tailor(pair.base, pair.finetuned, pair.calibration, out=out, density=0.25, samples=4)
+    assert not out.exists()
+    assert any(p.name.startswith(".p.safetensors.work-") for p in tmp_path.iterdir())
+    monkeypatch.setattr(pipeline._Runner, "_tailor_target", original)
+    res = tailor(pair.base, pair.finetuned, pair.calibration, out=out, density=0.25, samples=4)
+    resumed = {layer.block: layer.resumed for layer in res.report.layers}
+    assert resumed == {"model.layers.1": True, "model.layers.2": False}
+    assert out.exists()
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
+    fresh = tailor(pair.base, pair.finetuned, pair.calibration, density=0.25, samples=4)
+    assert fresh.patch.equal(res.patch)
