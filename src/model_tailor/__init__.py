@@ -3,8 +3,54 @@
 Vocabulary (used everywhere): ``base`` and ``finetuned`` weights, ``delta = finetuned - base``,
 ``density`` = fraction of the delta KEPT in the patch, ``keep_mask`` True = in the patch,
 scores: higher = keep. Keys are full Hugging Face parameter names.
+
+The public names below are imported lazily, so ``import model_tailor`` (and the CLI's start-up) does not pay
+for transformers until a model-level function is used.
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    # model level
+    "tailor": "model_tailor.api",
+    "plan": "model_tailor.api",
+    "TailorConfig": "model_tailor.config",
+    "TailorResult": "model_tailor.pipeline",
+    # matrix level (the kernel)
+    "tailor_weight": "model_tailor.kernel",
+    "compensate": "model_tailor.kernel",
+    "TailoredWeight": "model_tailor.kernel",
+    "TailorStats": "model_tailor.kernel",
+    "HessianAccumulator": "model_tailor.hessian",
+    "select_keep_mask": "model_tailor.masking",
+    "preserve_target": "model_tailor.preserve",
+    "tailor_weight_structured": "model_tailor.preserve",
+    # the patch artifact
+    "SparsePatch": "model_tailor.patch",
+    "TensorPatch": "model_tailor.patch",
+    "save_patch": "model_tailor.io.patch_file",
+    "load_patch": "model_tailor.io.patch_file",
+    "apply_patches": "model_tailor.apply",
+    "remove_patches": "model_tailor.apply",
+    "combine_patches": "model_tailor.combine",
+}
+
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'model_tailor' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
