@@ -28,8 +28,11 @@ _LAYER_RE = re.compile(r"^(.*?\.\d+)\.")
 
 def current_versions() -> dict[str, str]:
     """Versions of model-tailor and the libraries that shape a patch (recorded in every patch file)."""
-    versions: dict[str, str] = {}
-    for dist in ("model-tailor", "torch", "safetensors", "transformers"):
+    from . import __version__
+
+    # The package's own version comes from the source, so it is recorded even when run from a checkout.
+    versions: dict[str, str] = {"model-tailor": __version__}
+    for dist in ("torch", "safetensors", "transformers"):
         try:
             versions[dist] = importlib_metadata.version(dist)
         except importlib_metadata.PackageNotFoundError:  # pragma: no cover - depends on the environment

@@ -151,6 +151,12 @@ class Materializer:
                     if id(p) not in converted:
                         converted[id(p)] = nn.Parameter(p.to(dtype), requires_grad=False)
                     sub._parameters[pname] = converted[id(p)]
+        # Buffers stay real in the skeleton (rotary inv_freq, CLIP position ids): small, so they move to the
+        # compute device once, here; their dtype is the model's own choice (inv_freq stays fp32).
+        for sub in model.modules():
+            for bname, b in list(sub._buffers.items()):
+                if b is not None and b.device.type != "meta" and b.device != device:
+                    sub._buffers[bname] = b.to(device)
 
     def ckpt_name(self, param_name: str) -> str:
         try:
