@@ -55,6 +55,7 @@ def _fails(capsys, argv, out, code=None):
     before = sorted(p.name for p in out.parent.iterdir())
     existed = out.exists()
     snapshot = sorted(p.name for p in out.iterdir()) if out.is_dir() else None
+    capsys.readouterr()  # only the command's own output counts
     rc = main(argv)
     err = capsys.readouterr().err
     assert rc != 0 and (code is None or rc == code)
