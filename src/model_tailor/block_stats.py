@@ -94,9 +94,13 @@ class BlockHessians:
         leader = self._owner.get(name)
         return 0 if leader is None else int(self._acc[leader].n_tokens)
 
-    def close(self) -> None:
+    def stop(self) -> None:
+        """Remove the hooks and keep the Hessians (another stream runs through the same modules next)."""
         for h in self._handles:
             h.remove()
         self._handles.clear()
+
+    def close(self) -> None:
+        self.stop()
         self._first.clear()
         self._acc.clear()

@@ -23,6 +23,17 @@ Granularity = Literal["block", "row", "tensor", "global"]
 Compensation = Literal["obs", "official", "none", "exact"]
 NonTargetPolicy = Literal["reset", "keep", "tailor"]
 DType = Literal["float32", "bfloat16", "float16"]
+Structure = Literal["sparse", "lowrank", "sparse+lowrank"]
+
+# lambda of the preserve-aware objective (PILOT.md: 0.3-1 measured at density 0.1). One constant, so the default
+# can move once the bench grid is in.
+DEFAULT_PRESERVE_WEIGHT = 1.0
+
+
+def default_cache_dir() -> Path:
+    """``$MODEL_TAILOR_CACHE`` or ``~/.cache/model-tailor``: where ``--preserve self`` caches generations."""
+    env = os.environ.get("MODEL_TAILOR_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "model-tailor"
 
 
 class TailorConfig(BaseModel):
@@ -55,6 +66,17 @@ class TailorConfig(BaseModel):
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     non_target_policy: NonTargetPolicy = "reset"
+    # Issue 5, PILOT.md: preserve-aware tailoring. ``preserve`` is a JSONL file (calibration record forms) or
+    # "self" (the base model answers shipped generic instructions); lambda weighs ||(W - W_pre) X_o||^2.
+    preserve: str | None = None
+    preserve_weight: float = Field(DEFAULT_PRESERVE_WEIGHT, ge=0, allow_inf_nan=False)
+    preserve_samples: int = Field(64, gt=0)
+    preserve_max_new_tokens: int = Field(48, gt=0)
+    # Patch structure under one parameter budget (density * rows * cols; a rank-r pair costs r * (rows + cols)).
+    # Low-rank factors are fitted in closed form, whatever ``compensation`` says; it applies to the sparse part.
+    structure: Structure = "sparse"
+    salience_from: Literal["delta", "target"] = "delta"
+    cache_dir: Path = Field(default_factory=default_cache_dir)
     max_shard_bytes: int = Field(2_000_000_000, gt=0)
     overwrite: bool = False
 
@@ -80,7 +102,29 @@ class TailorConfig(BaseModel):
                 "calibration data is required; only the data-free mode (alpha=1 with compensation=none, "
                 "METHOD §10) runs without it"
             )
+        if self.data_free and self.preserve is not None:
+            raise ValueError(
+                "preserve needs the per-layer Hessians of calibration data; the data-free mode (alpha=1 with "
+                "compensation=none) has none: drop preserve or pass calibration data with another alpha"
+            )
+        if self.data_free and self.structure != "sparse":
+            raise ValueError(
+                f"structure {self.structure!r} fits its low-rank factors to the calibration Hessian; the "
+                "data-free mode has none: use structure=sparse"
+            )
+        if self.granularity == "global" and self.structure != "sparse":
+            raise ValueError(
+                f"granularity 'global' fixes a sparse mask per tensor before tailoring; it cannot share a budget "
+                f"with low-rank factors (structure {self.structure!r}): use granularity block/row/tensor"
+            )
         return self
+
+    @field_validator("preserve")
+    @classmethod
+    def _check_preserve(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("preserve must be a JSONL file path or 'self', got an empty string")
+        return value
 
     @property
     def data_free(self) -> bool:
@@ -112,8 +156,10 @@ class TailorConfig(BaseModel):
         if not isinstance(data, dict):
             raise ConfigError(f"config file {str(file)!r} must hold a mapping of option: value")
         data = {str(k).replace("-", "_"): v for k, v in data.items()}
-        for key in ("base", "finetuned", "calibration", "out", "save_model"):
+        for key in ("base", "finetuned", "calibration", "out", "save_model", "preserve", "cache_dir"):
             # Relative paths in a YAML file resolve against the file's folder, not the working directory.
+            if key == "preserve" and data.get(key) == "self":
+                continue
             if isinstance(data.get(key), str) and not Path(data[key]).is_absolute():
                 data[key] = str(file.parent / data[key])
         data.update({k: v for k, v in overrides.items() if v is not None})
@@ -121,7 +167,9 @@ class TailorConfig(BaseModel):
 
     def fingerprint(self) -> str:
         """Hash of every option that changes the patch (not output paths): keys the resume work dir."""
-        fields = self.model_dump(mode="json", exclude={"out", "save_model", "overwrite", "max_shard_bytes"})
+        fields = self.model_dump(
+            mode="json", exclude={"out", "save_model", "overwrite", "max_shard_bytes", "cache_dir"}
+        )
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -17,7 +17,7 @@ from typing import Any
 from .calibration.data import CalibrationSet
 from .config import TailorConfig
 from .fingerprint import fingerprint
-from .io.atomic import atomic_write_json
+from .io.atomic import atomic_write_json, atomic_write_text
 from .io.checkpoint import CheckpointWriter
 from .io.patch_file import save_patch
 from .patch import PatchMetadata, SparsePatch, TensorPatch, current_versions, dtype_name, utc_now
@@ -62,7 +62,10 @@ def build_patch(
             source.release()
         sv = source.tailored.pop(name)
         base = source.base.get(name)
-        tensors[name] = TensorPatch.from_weights(name, base, sv.apply(base), sv.keep_mask(tuple(base.shape)))
+        tp = TensorPatch.from_weights(name, base, sv.apply_sparse(base), sv.keep_mask(tuple(base.shape)))
+        if sv.lowrank is not None:  # structure lowrank / sparse+lowrank: format v2 on save
+            tp = TensorPatch(name, tp.shape, tp.indices, tp.values, sv.lowrank)
+        tensors[name] = tp
     for nt in plan.non_targets:
         if nt.action == "keep":
             tensors[nt.name] = TensorPatch.from_weights(
@@ -110,9 +113,15 @@ def calibration_info(cfg: TailorConfig, calib: CalibrationSet | None) -> dict[st
 
 
 def write_outputs(
-    cfg: TailorConfig, source: WeightSource, make_patch: Callable[[], SparsePatch], report: TailorReport
+    cfg: TailorConfig,
+    source: WeightSource,
+    make_patch: Callable[[], SparsePatch],
+    report: TailorReport,
+    *,
+    preserve_records: str | None = None,
 ) -> SparsePatch:
-    """Write the model (if asked), build and write the patch, then the report.
+    """Write the model (if asked), build and write the patch, the self-generated preserve records
+    (``<out>.preserve.jsonl``, the exact JSONL the run used) and then the report.
 
     A model folder made here is removed if anything after it fails. Returns the patch.
     """
@@ -132,7 +141,13 @@ def write_outputs(
             report.outputs["patch"] = str(out)
             report.outputs["report"] = str(out.with_name(out.name + ".report.json"))
             report.seconds["write"] = time.perf_counter() - t0
+            if preserve_records is not None:
+                records_file = out.with_name(out.name + ".preserve.jsonl")
+                report.outputs["preserve"] = str(records_file)
+                report.preserve["file"] = str(records_file)
             save_patch(patch, out)
+            if preserve_records is not None:
+                atomic_write_text(records_file, preserve_records)
             atomic_write_json(out.with_name(out.name + ".report.json"), report.to_json())
     except BaseException:
         if created_model is not None:

@@ -2,10 +2,11 @@
 
 1 open base and fine-tuned lazily, check them against each other, diff tensor by tensor (NaN/Inf check);
 2 build a meta skeleton, discover its block lists, select targets and the policy of the other changed tensors;
-3 build seeded calibration batches; 4 for each block list holding targets, in forward order: capture the
-inputs
-(+ every keyword argument) of its first targeted block, then per block: Hessians of the targets (fine-tuned
-weights) -> tailor each target -> run the TAILORED block to get the next inputs (propagate: tailored, D17);
+3 build seeded calibration batches (and, with ``preserve``, the preserve batches); 4 for each block list holding
+targets, in forward order: capture the inputs (+ every keyword argument) of its first targeted block, then per
+block: Hessians of the targets (fine-tuned weights) -> [preserve: H_o and the next preserve inputs with BASE
+target weights, :mod:`preserve_stream`] -> tailor each target -> run the TAILORED block to get the next inputs
+(propagate: tailored, D17);
 5 write the patch, the optional tailored model and the report. Resumable per finished block.
 """
 
@@ -21,17 +22,24 @@ from typing import Any
 import torch
 
 from .architectures import ModelLayout, build_skeleton, checkpoint_names, discover_layout
-from .block_stats import BlockHessians
-from .calibration.capture import BlockCall, capture_inputs, replace_hidden, run_block
+from .calibration.capture import replace_hidden, run_block
 from .calibration.data import CalibrationSet, build_calibration, read_records
 from .config import TailorConfig
 from .errors import CheckpointError, ConfigError
 from .io.checkpoint import CheckpointReader, check_compatible
-from .kernel import tailor_weight
 from .masking import select_keep_masks_global
 from .outputs import build_patch, calibration_info, write_outputs
 from .patch import SparsePatch
 from .planning import estimate_plan
+from .preserve_stream import (
+    PreserveData,
+    Stream,
+    accumulate,
+    capture_stream,
+    load_preserve,
+    reaching_batches,
+    tailor_tensor,
+)
 from .report import LayerReport, TailorPlan, TailorReport
 from .resume import WorkDir, run_key
 from .streaming import Materializer, SparseValues, WeightSource
@@ -114,6 +122,7 @@ class _Runner:
         self.warnings: list[str] = []
         self.keep_masks: dict[str, torch.Tensor] = {}
         self.workdir: WorkDir | None = None
+        self.preserve: PreserveData | None = None
         self.block_paths = [bl.block_path(i) for bl in prep.layout.block_lists for i in range(bl.length)]
 
     # -- kernel calls ---------------------------------------------------------------------------------------
@@ -125,33 +134,22 @@ class _Runner:
         H: torch.Tensor | None,
         transposed: bool,
         keep_mask: torch.Tensor | None = None,
+        H_o: torch.Tensor | None = None,
     ) -> tuple[SparseValues, dict[str, Any]]:
-        cfg = self.cfg
         b32, f32 = base.to(self.device, torch.float32), ft.to(self.device, torch.float32)
         if transposed:  # GPT-2 Conv1D stores (in, out); the kernel wants (rows=out, cols=in) (METHOD §1)
             b32, f32 = b32.T.contiguous(), f32.T.contiguous()
             keep_mask = keep_mask.T.contiguous() if keep_mask is not None else None
-        free = H is None
-        res = tailor_weight(
-            b32,
-            f32,
-            H,
-            density=cfg.density,
-            alpha=1.0 if free else cfg.alpha,
-            block_size=cfg.block_size,
-            percdamp=cfg.percdamp,
-            compensation="none" if free else cfg.compensation,
-            granularity="block" if cfg.granularity == "global" else cfg.granularity,
-            sensitivity=cfg.sensitivity,
-            mask_timing=cfg.mask_timing,
-            guard=cfg.guard,
-            keep_mask=keep_mask,
-            name=name,
-        )
+        res, extra = tailor_tensor(b32, f32, H, H_o, self.cfg, keep_mask=keep_mask, name=name)
         W, mask = (res.weight.T, res.keep_mask.T) if transposed else (res.weight, res.keep_mask)
-        stats = dataclasses.asdict(res.stats)
-        stats["data_free"] = free
-        return SparseValues.from_dense(base, W.to(base.dtype), mask), stats
+        stats = {**dataclasses.asdict(res.stats), **extra}
+        stats["data_free"] = H is None
+        sv = SparseValues.from_dense(base, W.to(base.dtype), mask)
+        if res.lowrank is not None:  # factors in checkpoint layout: (A B)^T = B^T A^T for Conv1D
+            A, B = (res.lowrank[1].T, res.lowrank[0].T) if transposed else res.lowrank
+            lowrank = (A.to("cpu", torch.float32).contiguous(), B.to("cpu", torch.float32).contiguous())
+            sv = dataclasses.replace(sv, lowrank=lowrank)
+        return sv, stats
 
     def _tailor_data_free(self, name: str, base: torch.Tensor, ft: torch.Tensor) -> SparseValues:
         """``tailor`` policy for Linears outside blocks: salience-only, no calibration (METHOD §10)."""
@@ -160,15 +158,22 @@ class _Runner:
         self.data_free[name] = stats
         return sv
 
-    def _tailor_target(self, t: TargetParam, H: torch.Tensor | None) -> dict[str, Any]:
+    def _warn(self, msg: str) -> None:
+        logger.warning("%s", msg)
+        self.warnings.append(msg)
+
+    def _tailor_target(
+        self, t: TargetParam, H: torch.Tensor | None, H_o: torch.Tensor | None = None
+    ) -> dict[str, Any]:
         base, ft = self.source.base.get(t.name), self.source.finetuned.get(t.name)
         if H is None and not self.cfg.data_free:
-            msg = (
-                f"{t.name}: received no calibration tokens; tailored data-free (salience only, uncompensated)"
+            self._warn(
+                f"{t.name}: received no calibration tokens; tailored data-free (salience only, uncompensated, "
+                "sparse)"
             )
-            logger.warning("%s", msg)
-            self.warnings.append(msg)
-        sv, stats = self._kernel(t.name, base, ft, H, t.transposed, self.keep_masks.pop(t.name, None))
+        elif H_o is None and self.preserve is not None:
+            self._warn(f"{t.name}: received no preserve tokens; tailored without the preserve term")
+        sv, stats = self._kernel(t.name, base, ft, H, t.transposed, self.keep_masks.pop(t.name, None), H_o)
         self.source.tailored[t.name] = sv
         return stats
 
@@ -194,7 +199,14 @@ class _Runner:
     def resume(self, out: Path) -> None:
         cfg = self.cfg
         self.workdir = WorkDir(
-            out, run_key(cfg.fingerprint(), Path(cfg.base), Path(cfg.finetuned), cfg.calibration)
+            out,
+            run_key(
+                cfg.fingerprint(),
+                Path(cfg.base),
+                Path(cfg.finetuned),
+                cfg.calibration,
+                Path(cfg.preserve) if cfg.preserve not in (None, "self") else None,
+            ),
         )
         for bl, idx in self.prep.plan.block_order:
             path = f"{bl}.{idx}"
@@ -227,60 +239,71 @@ class _Runner:
             first, last = min(indices), max(indices)
             t0 = time.perf_counter()
             handles = self.mat.install_hooks(self.block_paths)
+            pstream = None
             try:
-                calls = capture_inputs(
-                    model,
-                    model.get_submodule(bl.block_path(first)),
-                    [b.inputs for b in calib.batches],
-                    device=self.device,
-                    dtype=self.dtype,
-                    block_name=bl.block_path(first),
-                )
+                stream = capture_stream(model, bl, first, calib.batches, nq, self.device, self.dtype)
+                if self.preserve is not None:  # earlier layers: base, or their non-target policy (preserve_stream)
+                    pbatches = reaching_batches(self.preserve.calib.batches, bl.role)
+                    if not pbatches:
+                        self._warn(f"{bl.path}: no preserve record has an image; its targets ignore preserve")
+                    else:
+                        pstream = capture_stream(model, bl, first, pbatches, nq, self.device, self.dtype)
             finally:
                 for h in handles:
                     h.remove()
                 self.mat.offload_all()
-            masks = [_token_masks(bl.role, b.inputs, b.token_mask, nq) for b in calib.batches]
             logger.info("captured inputs of %s in %.2fs", bl.block_path(first), time.perf_counter() - t0)
             blocks = range(first, last + 1)
             bar = _bar(blocks, f"tailor {bl.path}", self.progress)
             for idx in bar:
-                calls = self.block(bl.path, idx, calls, masks, last_in_list=idx == last)
+                stream, pstream = self.block(bl.path, idx, stream, pstream, last_in_list=idx == last)
 
     def block(
-        self,
-        list_path: str,
-        idx: int,
-        calls: list[BlockCall],
-        masks: list[list[torch.Tensor]],
-        last_in_list: bool,
-    ) -> list[BlockCall]:
+        self, list_path: str, idx: int, stream: Stream, pstream: Stream | None, last_in_list: bool
+    ) -> tuple[Stream, Stream | None]:
+        """One block: H_t on the target stream (fine-tuned targets); with preserve data, H_o and the next
+        preserve inputs from one pass with BASE target weights (PILOT.md); tailor; replay the tailored block."""
         path = f"{list_path}.{idx}"
         targets = self.prep.plan.targets_in(list_path, idx)
         self.mat.load(path)
         block = self.prep.model.get_submodule(path)
+        fresh = bool(targets) and path not in self.layers
+        modules = {t.name: self.prep.model.get_submodule(t.module) for t in targets} if fresh else {}
         try:
-            if targets and path not in self.layers:
-                layer = LayerReport(path)
-                t0 = time.perf_counter()
-                stats = BlockHessians(
-                    {t.name: self.prep.model.get_submodule(t.module) for t in targets}, self.device
-                )
-                try:
-                    for call, m in zip(calls, masks, strict=True):
-                        stats.set_masks(m)
-                        run_block(block, call)
-                        stats.end_batch()
+            layer, t_stats, p_stats = LayerReport(path), None, None
+            try:
+                if fresh:
+                    t0 = time.perf_counter()
+                    t_stats, _ = accumulate(block, modules, stream, self.device)
                     layer.seconds["hessian"] = time.perf_counter() - t0
-                    layer.n_tokens = max((stats.n_tokens(t.name) for t in targets), default=0)
+                    layer.n_tokens = max((t_stats.n_tokens(t.name) for t in targets), default=0)
+                if pstream is not None:
                     t0 = time.perf_counter()
                     for t in targets:
-                        layer.tensors[t.name] = self._tailor_target(t, stats.hessian(t.name))
-                finally:
-                    stats.close()
-                layer.seconds["tailor"] = time.perf_counter() - t0
+                        self.mat.set_weight(t.module, "weight", self.source.base.get(t.name))
+                    p_stats, next_p = accumulate(
+                        block, modules, pstream, self.device, propagate_dtype=None if last_in_list else self.dtype
+                    )
+                    pstream = next_p or pstream
+                    if fresh:
+                        layer.seconds["preserve"] = time.perf_counter() - t0
+                        layer.n_tokens_preserve = max((p_stats.n_tokens(t.name) for t in targets), default=0)
+                if fresh:
+                    assert t_stats is not None
+                    t0 = time.perf_counter()
+                    for t in targets:  # plain runs keep the two-argument call (and its tests' stand-ins)
+                        H = t_stats.hessian(t.name)
+                        args = (t, H) if p_stats is None else (t, H, p_stats.hessian(t.name))
+                        layer.tensors[t.name] = self._tailor_target(*args)
+                    layer.seconds["tailor"] = time.perf_counter() - t0
+            finally:
+                for st in (t_stats, p_stats):
+                    if st is not None:
+                        st.close()
+            if fresh or pstream is not None:
                 for t in targets:
                     self.mat.set_weight(t.module, "weight", self.source.get(t.name))
+            if fresh:
                 self.layers[path] = layer
                 if self.workdir is not None:
                     self.workdir.save_block(
@@ -289,27 +312,15 @@ class _Runner:
                         dataclasses.asdict(layer),
                     )
             if last_in_list:
-                return calls
+                return stream, pstream
             t0 = time.perf_counter()
-            out = [replace_hidden(c, run_block(block, c).to(self.dtype)) for c in calls]
+            out = [replace_hidden(c, run_block(block, c).to(self.dtype)) for c in stream.calls]
             if path in self.layers:
                 self.layers[path].seconds["propagate"] = time.perf_counter() - t0
-            return out
+            return Stream(out, stream.masks), pstream
         finally:
             self.mat.offload(path)
             self.source.release()
-
-
-def _token_masks(
-    role: str, inputs: dict[str, torch.Tensor], token_mask: torch.Tensor, nq: int
-) -> list[torch.Tensor]:
-    """Candidate padding masks of a batch for the Hessians of a block list of ``role`` (METHOD §9, D16)."""
-    if role == "language":
-        return [token_mask]
-    if role == "qformer" and "qformer_attention_mask" in inputs:
-        q = inputs["qformer_attention_mask"].bool()
-        return [torch.cat([torch.ones(q.shape[0], nq, dtype=torch.bool), q], dim=1), q]
-    return []
 
 
 def _bar(items: Any, desc: str, enabled: bool) -> Any:
@@ -354,6 +365,11 @@ def run_tailor(cfg: TailorConfig, *, progress: bool = False) -> TailorResult:
         )
         runner.warnings.extend(calib.warnings)
     seconds["calibration"] = time.perf_counter() - t0
+    if cfg.preserve is not None:  # PILOT.md dual objective; None runs exactly the plain pipeline
+        t0 = time.perf_counter()
+        runner.preserve = load_preserve(cfg, prep.finetuned.config_dir, type(prep.model))
+        runner.warnings.extend(f"preserve: {w}" for w in runner.preserve.calib.warnings)
+        seconds["preserve_data"] = time.perf_counter() - t0
     if cfg.granularity == "global":
         runner.global_masks()
     t0 = time.perf_counter()
@@ -379,11 +395,14 @@ def run_tailor(cfg: TailorConfig, *, progress: bool = False) -> TailorResult:
     )
     stats = {**{n: s for layer in layers for n, s in layer.tensors.items()}, **runner.data_free}
     report.calibration = calibration_info(cfg, calib)
+    if runner.preserve is not None:
+        report.preserve = runner.preserve.info
     patch = write_outputs(
         cfg,
         runner.source,
         lambda: build_patch(runner.source, prep.plan, config=report.config, stats=stats),
         report,
+        preserve_records=runner.preserve.generated if runner.preserve is not None else None,
     )
     if runner.workdir is not None:
         runner.workdir.remove()

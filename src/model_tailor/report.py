@@ -13,6 +13,9 @@ from typing import Any
 
 __all__ = ["LayerReport", "TailorPlan", "TailorReport"]
 
+# Both halves of the preserve-aware objective (PILOT.md), normalised H, masked and final weights.
+_TRADEOFF = ("target_error_masked", "target_error_final", "preserve_error_masked", "preserve_error_final")
+
 
 @dataclass
 class LayerReport:
@@ -22,6 +25,7 @@ class LayerReport:
     tensors: dict[str, dict[str, Any]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     n_tokens: int = 0
+    n_tokens_preserve: int = 0
     resumed: bool = False
 
     @property
@@ -31,6 +35,16 @@ class LayerReport:
     @property
     def numel(self) -> int:
         return sum(int(s["numel"]) for s in self.tensors.values())
+
+    @property
+    def params(self) -> int:
+        """Patch parameters: sparse entries plus ``rank * (rows + cols)`` per low-rank pair (Issue 5)."""
+        return sum(int(s.get("params", s["kept"])) for s in self.tensors.values())
+
+    @property
+    def budget(self) -> float:
+        """Parameter budget ``density * rows * cols`` summed over the block's targets."""
+        return sum(float(s.get("budget", s["kept"])) for s in self.tensors.values())
 
     def error(self, key: str) -> float | None:
         vals = [s.get(key) for s in self.tensors.values()]
@@ -76,6 +90,7 @@ class TailorReport:
     layers: list[LayerReport] = field(default_factory=list)
     data_free: dict[str, dict[str, Any]] = field(default_factory=dict)
     calibration: dict[str, Any] = field(default_factory=dict)
+    preserve: dict[str, Any] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     outputs: dict[str, str] = field(default_factory=dict)
@@ -97,6 +112,9 @@ class TailorReport:
                 numel=layer.numel,
                 error_masked=layer.error("error_masked"),
                 error_compensated=layer.error("error_compensated"),
+                **{key: layer.error(key) for key in _TRADEOFF},
+                params=layer.params,
+                budget=layer.budget,
             )
             layers.append(d)
         return {
@@ -105,6 +123,7 @@ class TailorReport:
             "layers": layers,
             "data_free": self.data_free,
             "calibration": self.calibration,
+            "preserve": self.preserve,
             "seconds": self.seconds,
             "warnings": self.warnings,
             "outputs": self.outputs,
@@ -117,17 +136,26 @@ class TailorReport:
 
     def to_text(self) -> str:
         density = self.kept / self.numel if self.numel else 0.0
+        dual = bool(self.preserve)
+        structured = any(s.get("rank") for layer in self.layers for s in layer.tensors.values())
+        head = f"{'block':<44} {'kept':>10} {'err masked':>12} {'err comp':>12}"
+        if dual:  # the trade-off of the dual objective per layer: target vs preserve side, masked -> final
+            head += f" {'tgt masked':>11} {'tgt final':>11} {'pres masked':>11} {'pres final':>11}"
+        if structured:
+            head += f" {'params':>10} {'budget':>10}"
         lines = [
             f"tailored {len(self.plan.targets)} tensors in {len(self.layers)} blocks of "
             f"{self.plan.architecture}: kept {self.kept} of {self.numel} entries (density {density:.4f})",
-            f"{'block':<44} {'kept':>10} {'err masked':>12} {'err comp':>12} {'sec':>7}",
+            head + f" {'sec':>7}",
         ]
         for layer in self.layers:
             em, ec = layer.error("error_masked"), layer.error("error_compensated")
-            lines.append(
-                f"{layer.block:<44} {layer.kept:>10} {_fmt(em):>12} {_fmt(ec):>12} "
-                f"{sum(layer.seconds.values()):>7.2f}{' (resumed)' if layer.resumed else ''}"
-            )
+            row = f"{layer.block:<44} {layer.kept:>10} {_fmt(em):>12} {_fmt(ec):>12}"
+            if dual:
+                row += "".join(f" {_fmt(layer.error(k)):>11}" for k in _TRADEOFF)
+            if structured:
+                row += f" {layer.params:>10} {layer.budget:>10.0f}"
+            lines.append(row + f" {sum(layer.seconds.values()):>7.2f}{' (resumed)' if layer.resumed else ''}")
         actions: dict[str, int] = {}
         for n in self.plan.non_targets:
             actions[n["action"]] = actions.get(n["action"], 0) + 1
@@ -136,6 +164,12 @@ class TailorReport:
         cal = self.calibration
         if cal:
             lines.append(f"calibration: {len(cal.get('lines', []))} records, {cal.get('n_tokens', 0)} tokens")
+        pre = self.preserve
+        if pre:
+            lines.append(
+                f"preserve: {pre.get('source')} ({len(pre.get('lines', []))} records, {pre.get('n_tokens', 0)} "
+                f"tokens), lambda {pre.get('preserve_weight')}, structure {pre.get('structure')}"
+            )
         lines.append("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items()))
         lines += [f"warning: {w}" for w in self.warnings]
         lines += [f"{k}: {v}" for k, v in self.outputs.items()]

@@ -36,11 +36,15 @@ def _file_stamp(path: Path) -> list[Any]:
     ]
 
 
-def run_key(config_fingerprint: str, base: Path, finetuned: Path, calibration: Path | None) -> str:
+def run_key(
+    config_fingerprint: str, base: Path, finetuned: Path, calibration: Path | None, preserve: Path | None = None
+) -> str:
     h = hashlib.sha256(config_fingerprint.encode())
     h.update(json.dumps([_file_stamp(base), _file_stamp(finetuned)]).encode())
     if calibration is not None:
         h.update(calibration.read_bytes())
+    if preserve is not None and preserve.is_file():  # "self" data is a function of base and config
+        h.update(preserve.read_bytes())
     return h.hexdigest()[:16]
 
 
@@ -59,6 +63,9 @@ class WorkDir:
         for name, sv in tensors.items():
             flat[f"{name}/indices"] = sv.indices.contiguous()
             flat[f"{name}/values"] = sv.values.contiguous()
+            if sv.lowrank is not None:
+                flat[f"{name}/lowrank_a"] = sv.lowrank[0].contiguous()
+                flat[f"{name}/lowrank_b"] = sv.lowrank[1].contiguous()
         with atomic_path(self._file(block)) as tmp:
             save_file(flat, str(tmp), metadata={"layer": json.dumps(layer, default=str)})
 
@@ -75,7 +82,15 @@ class WorkDir:
             logger.warning("resume: ignoring unreadable %s (%s)", file, err)
             return None
         names = {k.rsplit("/", 1)[0] for k in keys}
-        return {n: SparseValues(parts[f"{n}/indices"], parts[f"{n}/values"]) for n in names}, layer
+        tensors = {
+            n: SparseValues(
+                parts[f"{n}/indices"],
+                parts[f"{n}/values"],
+                (parts[f"{n}/lowrank_a"], parts[f"{n}/lowrank_b"]) if f"{n}/lowrank_a" in parts else None,
+            )
+            for n in names
+        }
+        return tensors, layer
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)

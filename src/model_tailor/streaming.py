@@ -31,10 +31,12 @@ __all__ = ["Materializer", "SparseValues", "WeightSource"]
 @dataclass(frozen=True)
 class SparseValues:
     """A tailored tensor as ``base`` with ``values`` (base dtype) written at flat ``indices`` (the keep
-    mask)."""
+    mask), plus optional fp32 low-rank factors ``(A, B)`` in checkpoint layout (``structure`` lowrank, Issue 5).
+    """
 
     indices: torch.Tensor  # int32 (int64 when numel >= 2**31) (k,), sorted
     values: torch.Tensor  # (k,), base dtype
+    lowrank: tuple[torch.Tensor, torch.Tensor] | None = None  # (A (rows, r), B (r, cols)), fp32, CPU
 
     @classmethod
     def from_dense(cls, base: torch.Tensor, tailored: torch.Tensor, keep_mask: torch.Tensor) -> SparseValues:
@@ -43,10 +45,22 @@ class SparseValues:
             idx = idx.to(torch.int32)
         return cls(idx, tailored.reshape(-1).to("cpu", base.dtype)[idx].clone())
 
-    def apply(self, base: torch.Tensor) -> torch.Tensor:
+    def apply_sparse(self, base: torch.Tensor) -> torch.Tensor:
+        """Base with the sparse values only (what ``keep_mask`` covers); equals :meth:`apply` without factors."""
         out = base.clone().reshape(-1)
         out[self.indices.long()] = self.values.to(base.dtype)
         return out.reshape(base.shape)
+
+    def apply(self, base: torch.Tensor) -> torch.Tensor:
+        """The full tailored tensor. With factors: ``base + A B + scatter(values - base)`` in fp32, cast to the
+        base dtype, the same arithmetic as ``TensorPatch.apply`` so the saved model equals base + patch."""
+        if self.lowrank is None:
+            return self.apply_sparse(base)
+        idx = self.indices.long()
+        out = base.to(torch.float32) + self.lowrank[0] @ self.lowrank[1]
+        flat = out.reshape(-1)
+        flat[idx] += self.values.to(torch.float32) - base.reshape(-1)[idx].to(torch.float32)
+        return out.to(base.dtype)
 
     def keep_mask(self, shape: tuple[int, ...]) -> torch.Tensor:
         mask = torch.zeros(int(torch.tensor(shape).prod()), dtype=torch.bool)

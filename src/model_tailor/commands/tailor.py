@@ -39,6 +39,13 @@ _FIELDS = (
     "non_target_policy",
     "overwrite",
     "max_shard_bytes",
+    "preserve",
+    "preserve_weight",
+    "preserve_samples",
+    "preserve_max_new_tokens",
+    "structure",
+    "salience_from",
+    "cache_dir",
 )
 
 
@@ -78,6 +85,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--include", action="append", help="glob over parameter names to target (repeatable)")
     p.add_argument("--exclude", action="append", help="glob over parameter names to leave out (repeatable)")
     p.add_argument("--non-target-policy", dest="non_target_policy", choices=("reset", "keep", "tailor"))
+    p.add_argument(
+        "--preserve",
+        help="original-ability data: a JSONL file (calibration record forms) or 'self' (the base model answers "
+        "shipped generic instructions); adds lambda ||(W - W_pre) X_o||^2 to each layer's objective",
+    )
+    p.add_argument("--preserve-weight", dest="preserve_weight", type=float, help="lambda >= 0 (default 1.0)")
+    p.add_argument("--preserve-samples", dest="preserve_samples", type=int, help="preserve records (default 64)")
+    p.add_argument(
+        "--preserve-max-new-tokens", dest="preserve_max_new_tokens", type=int, help="answer length for 'self'"
+    )
+    p.add_argument(
+        "--structure",  # no argparse choices: the config validates it and fails with one line
+        help="sparse | lowrank | sparse+lowrank: patch structure under one parameter budget "
+        "(density * rows * cols parameters; a rank-r pair costs r * (rows + cols))",
+    )
+    p.add_argument("--salience-from", dest="salience_from", help="delta | target: what salience ranks")
+    p.add_argument("--cache-dir", dest="cache_dir", help="cache of --preserve self ($MODEL_TAILOR_CACHE)")
     p.add_argument(
         "--max-shard-bytes",
         dest="max_shard_bytes",
