@@ -1,14 +1,58 @@
-"""`model-tailor baseline` (placeholder until its issue lands; replaced by the real command)."""
+"""`model-tailor baseline`: build a baseline model (magnitude, DARE, TIES, task arithmetic, WiSE-FT).
+
+Streams tensor by tensor: one base and one fine-tuned tensor are in memory at a time, read lazily from the
+two checkpoints, and the output is committed atomically. Tensors equal in both models are copied as-is.
+"""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from ..errors import ShapeMismatchError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("baseline", help="(not yet available)")
+    from ..baselines import BASELINES
+
+    p = sub.add_parser("baseline", help="merge base + a baseline of the fine-tuned delta into a new checkpoint")
+    p.add_argument("--method", required=True, choices=BASELINES.names())
+    p.add_argument("--base", required=True, type=Path, help="pre-trained HF folder or safetensors file")
+    p.add_argument("--finetuned", required=True, type=Path, help="fine-tuned HF folder or safetensors file")
+    p.add_argument("--out", required=True, type=Path, help="output folder (written atomically)")
+    p.add_argument("--density", type=float, default=None, help="fraction of each delta KEPT (sparse methods)")
+    p.add_argument("--scale", type=float, default=None, help="task-arithmetic scale or WiSE-FT alpha")
+    p.add_argument("--seed", type=int, default=0, help="seed for DARE / random")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    raise SystemExit("model-tailor baseline: not yet available")
+    import torch
+    from tqdm.auto import tqdm
+
+    from ..baselines import BASELINES, BaselineParams
+    from ..io.checkpoint import CheckpointReader, CheckpointWriter
+
+    fn = BASELINES.get(args.method)
+    params = BaselineParams(density=args.density, scale=args.scale, seed=args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    with CheckpointReader(args.base) as base, CheckpointReader(args.finetuned) as ft:
+        missing = sorted(set(base.names()) ^ set(ft.names()))
+        if missing:
+            raise ShapeMismatchError(f"base and fine-tuned differ in tensor names: {missing[:10]} "
+                                     f"({len(missing)} in all); pass two checkpoints of the same architecture")
+        changed = 0
+        with CheckpointWriter(args.out) as writer:
+            for name in tqdm(sorted(base.names()), desc=f"baseline {args.method}", unit="tensor"):
+                b, f = base.get(name), ft.get(name)
+                if b.shape != f.shape:
+                    raise ShapeMismatchError(f"{name}: base shape {tuple(b.shape)} != fine-tuned {tuple(f.shape)}")
+                if torch.equal(b, f) or not b.is_floating_point():
+                    writer.add(name, f)
+                    continue
+                merged = b.float() + fn([f.float() - b.float()], params, gen).float()
+                writer.add(name, merged.to(b.dtype))
+                changed += 1
+            writer.copy_files(ft.extra_files())
+    print(f"wrote {args.out} ({changed} changed tensors merged with {args.method})")
+    return 0

@@ -1,14 +1,51 @@
-"""`model-tailor bench` (placeholder until its issue lands; replaced by the real command)."""
+"""`model-tailor bench`: run TailorBench and write results.json, results.md and pareto.png.
+
+The quick variant (``make demo``) uses the same cached models as the full one; it only evaluates fewer
+test items and fewer methods. The table is printed on stdout (the only place the bench prints).
+"""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from ..errors import ConfigError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="(not yet available)")
+    p = sub.add_parser("bench", help="run TailorBench (mini-LLaVA forgetting benchmark) and write a report")
+    p.add_argument("--out", required=True, type=Path, help="output folder (results.json, results.md, pareto.png)")
+    p.add_argument("--quick", action="store_true", help="fewer test items and methods (same cached models)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    p.add_argument("--cache-dir", default=None,
+                   help="model/data cache (default $MODEL_TAILOR_CACHE or ~/.cache/model-tailor)")
+    p.add_argument("--engine", choices=("pipeline", "inmemory"), default="pipeline",
+                   help="Model Tailor engine: the project pipeline (default) or the in-memory kernel fallback")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice); 1 is far faster on an oversubscribed CPU")
+    p.add_argument("--no-eval-cache", action="store_true", help="re-evaluate every row instead of reusing results")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    raise SystemExit("model-tailor bench: not yet available")
+    import torch
+
+    from ..bench.assets import resolve_cache_dir
+    from ..bench.report import markdown_table, write_outputs
+    from ..bench.runner import BenchConfig, run_bench
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {args.device} was asked for but CUDA is not available; use --device cpu")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    cfg = BenchConfig(quick=args.quick, device=args.device, cache_dir=resolve_cache_dir(args.cache_dir),
+                      engine=args.engine, reuse_evals=not args.no_eval_cache)
+    result = run_bench(cfg)
+    paths = write_outputs(result, args.out)
+    print(markdown_table(result))
+    for note in result.meta.get("notes", []):
+        print(f"note: {note}")
+    print(f"wrote {paths['json']}, {paths['md']}, {paths['png']} in {result.meta['total_seconds']:.0f} s")
+    return 0

@@ -1,0 +1,157 @@
+"""TailorBench prompts and batches: one rendering for training, calibration and evaluation.
+
+All prompts go through the language model's own chat template (SmolLM2 adds its default system line), with
+the image as LLaVA's ``<image>`` placeholder expanded to one token per image feature, exactly what
+``LlavaProcessor`` does. Sharing one renderer keeps stage 1, fine-tuning and evaluation consistent
+(METHOD §16 D22: one fixed caption instruction; VQA with the LLaVA-1.5 single-word suffix).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from ..io.atomic import atomic_write_text
+from .assets import Capital, ImageLabel, VQAItem
+
+IMAGE_TOKEN = "<image>"
+CAPTION_INSTRUCTION = "Describe the image in a few words."
+VQA_SUFFIX = "\nAnswer the question using a single word or phrase."
+CAPITAL_QUESTION = "What is the capital of {country}?"
+
+
+def caption_of(label: ImageLabel) -> str:
+    """The templated caption stage 1 teaches: ``"A blue rectangle."``."""
+    return f"A {label.color} {label.shape}."
+
+
+def user_text(question: str, has_image: bool) -> str:
+    return f"{IMAGE_TOKEN}\n{question}" if has_image else question
+
+
+def render_prompt(tokenizer: object, question: str, *, has_image: bool, image_tokens: int) -> str:
+    """Chat-template prompt ending with the assistant header; the image placeholder is pre-expanded."""
+    messages = [{"role": "user", "content": user_text(question, has_image)}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return text.replace(IMAGE_TOKEN, IMAGE_TOKEN * image_tokens) if has_image else text
+
+
+@dataclass(frozen=True)
+class Example:
+    """One prompt (with or without an image) and, for training, its response."""
+
+    prompt: str
+    image: Path | None = None
+    response: str | None = None
+
+
+def caption_examples(labels: Sequence[ImageLabel]) -> list[Example]:
+    return [Example(CAPTION_INSTRUCTION, lab.image, caption_of(lab)) for lab in labels]
+
+
+def vqa_examples(items: Sequence[VQAItem]) -> list[Example]:
+    return [Example(it.question + VQA_SUFFIX, it.image, it.answer) for it in items]
+
+
+def capital_examples(capitals: Sequence[Capital]) -> list[Example]:
+    return [Example(CAPITAL_QUESTION.format(country=c.country), None, c.capital) for c in capitals]
+
+
+def sample(items: Sequence, n: int | None, seed: int) -> list:
+    """A fixed, seeded subset (all items, shuffled, when ``n`` is None or too large)."""
+    idx = list(range(len(items)))
+    random.Random(seed).shuffle(idx)
+    return [items[i] for i in idx[: len(idx) if n is None else n]]
+
+
+def load_pixels(image_processor: object, paths: Sequence[Path]) -> torch.Tensor:
+    """``(n, 3, H, W)`` float pixel values through the saved CLIP image processor."""
+    images = [Image.open(p).convert("RGB") for p in paths]
+    return image_processor(images=images, return_tensors="pt")["pixel_values"]
+
+
+class PixelCache:
+    """Pixel values per image path, computed once per run (images are tiny; processing them is not free)."""
+
+    def __init__(self, image_processor: object) -> None:
+        self.image_processor = image_processor
+        self._cache: dict[Path, torch.Tensor] = {}
+
+    def get(self, paths: Sequence[Path]) -> torch.Tensor:
+        todo = [p for p in dict.fromkeys(paths) if p not in self._cache]
+        if todo:
+            for p, px in zip(todo, load_pixels(self.image_processor, todo), strict=True):
+                self._cache[p] = px
+        return torch.stack([self._cache[p] for p in paths])
+
+
+def _ids(tokenizer: object, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def collate_train(
+    tokenizer: object, batch: Sequence[Example], pixels: PixelCache, image_tokens: int
+) -> dict[str, torch.Tensor]:
+    """Right-padded batch; labels cover only the response and its end-of-turn token (-100 elsewhere)."""
+    rows, labels = [], []
+    for ex in batch:
+        prompt = _ids(tokenizer, render_prompt(tokenizer, ex.prompt, has_image=ex.image is not None,
+                                               image_tokens=image_tokens))
+        answer = _ids(tokenizer, f"{ex.response}{tokenizer.eos_token}")
+        rows.append(prompt + answer)
+        labels.append([-100] * len(prompt) + answer)
+    width = max(map(len, rows))
+    pad = tokenizer.pad_token_id
+    out = {
+        "input_ids": torch.tensor([r + [pad] * (width - len(r)) for r in rows]),
+        "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]),
+        "labels": torch.tensor([lab + [-100] * (width - len(lab)) for lab in labels]),
+    }
+    if any(ex.image is not None for ex in batch):
+        out["pixel_values"] = pixels.get([ex.image for ex in batch])
+    return out
+
+
+def collate_generate(
+    tokenizer: object, batch: Sequence[Example], pixels: PixelCache, image_tokens: int
+) -> dict[str, torch.Tensor]:
+    """Left-padded prompts for batched greedy generation (all with images, or all without)."""
+    rows = [
+        _ids(tokenizer, render_prompt(tokenizer, ex.prompt, has_image=ex.image is not None,
+                                      image_tokens=image_tokens))
+        for ex in batch
+    ]
+    width = max(map(len, rows))
+    pad = tokenizer.pad_token_id
+    out = {
+        "input_ids": torch.tensor([[pad] * (width - len(r)) + r for r in rows]),
+        "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows]),
+    }
+    if batch[0].image is not None:
+        out["pixel_values"] = pixels.get([ex.image for ex in batch])
+    return out
+
+
+def write_calibration(items: Sequence[VQAItem], out_dir: Path) -> Path:
+    """Calibration JSONL for ``model_tailor.api.tailor``: prompt/response/image, PNGs copied beside it.
+
+    Records: ``{"prompt": question + VQA suffix, "response": answer, "image": "images/<id>.png"}``.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "images").mkdir(exist_ok=True)
+    lines = []
+    for it in items:
+        rel = f"images/{it.image_id}.png"
+        if not (out_dir / rel).exists():
+            shutil.copyfile(it.image, out_dir / rel)
+        lines.append(json.dumps({"prompt": it.question + VQA_SUFFIX, "response": it.answer, "image": rel}))
+    path = out_dir / "calibration.jsonl"
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,306 @@
+"""TailorBench models: a mini-LLaVA (SmolLM2 + CLIP-style tower + projector), its stage 1 and its fine-tune.
+
+The pre-trained MLLM follows LLaVA's recipe at toy scale: stage 1 keeps the language model frozen, first
+teaching the vision tower the images (colour and shape heads on its patch features), then aligning the
+projector so the frozen LM captions them through its chat template. The fine-tuned MLLM then trains the
+last ``tune_last`` decoder layers and the projector on easy-VQA (LLaVA-1.5's "tune12layers", METHOD §14),
+which makes it forget captioning and world knowledge. Both are saved as HF folders (safetensors, tokenizer,
+processor) under a cache key derived from the whole build config, so quick and full runs share them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import assets
+from .data import Example, PixelCache, caption_examples, collate_train, sample, vqa_examples, write_calibration
+
+log = logging.getLogger(__name__)
+
+BUILD_VERSION = 1
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Everything that determines the two models; its hash names the cache folder."""
+
+    lm: str = "smollm2"  # "smollm2" (real weights from the GGUF) or "tiny" (random, for CI)
+    tiny_lm: dict = field(default_factory=lambda: {"hidden_size": 64, "intermediate_size": 128,
+                                                   "num_hidden_layers": 4, "num_attention_heads": 4,
+                                                   "num_key_value_heads": 2})
+    vision_hidden: int = 192
+    vision_layers: int = 4
+    vision_heads: int = 3
+    image_size: int = 64
+    patch_size: int = 16
+    tune_last: int = 12  # decoder layers 18-29 of SmolLM2's 30
+    vision_steps: int = 300
+    vision_batch: int = 32
+    vision_lr: float = 1e-3
+    align_steps: int = 100
+    align_batch: int = 8
+    align_lr: float = 1e-3
+    ft_steps: int = 120
+    ft_batch: int = 8
+    ft_lr: float = 1e-4  # LLaVA-1.5 recipe (METHOD §14)
+    ft_projector_lr: float = 2e-4
+    calibration_samples: int = 128
+    seed: int = 0
+
+    @property
+    def image_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    def key(self) -> str:
+        """Hash of the whole build (names the fine-tuned model, calibration set and evaluations)."""
+        blob = json.dumps({"v": BUILD_VERSION, **asdict(self)}, sort_keys=True)
+        return f"{self.lm}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+    def stage1_key(self) -> str:
+        """Hash of the fields stage 1 depends on, so changing the fine-tune recipe reuses the base model."""
+        fields = {k: v for k, v in asdict(self).items() if not k.startswith(("ft_", "tune_", "calibration_"))}
+        blob = json.dumps({"v": BUILD_VERSION, **fields}, sort_keys=True)
+        return f"{self.lm}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+    @classmethod
+    def tiny(cls) -> BuildConfig:
+        """A seconds-scale build for the CI smoke test (random LM, small tower, a few steps)."""
+        return cls(lm="tiny", vision_hidden=32, vision_layers=1, vision_heads=2, tune_last=2,
+                   vision_steps=5, vision_batch=16, align_steps=4, align_batch=4, ft_steps=6, ft_batch=4,
+                   ft_lr=1e-3, ft_projector_lr=1e-3, calibration_samples=8)
+
+
+@dataclass(frozen=True)
+class BuiltModels:
+    """Paths of the cached models and calibration data, and the seconds each stage took when built."""
+
+    root: Path
+    pretrained: Path
+    finetuned: Path
+    calibration: Path
+    tuned_layers: tuple[int, ...]
+    seconds: dict
+
+
+def _lm_and_tokenizer(cfg: BuildConfig) -> tuple[torch.nn.Module, object]:
+    if cfg.lm == "smollm2":
+        return assets.load_smollm2()
+    if cfg.lm != "tiny":
+        raise ValueError(f"unknown bench lm {cfg.lm!r}")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = assets.load_smollm2_tokenizer()
+    tiny = LlamaConfig(vocab_size=len(tok), tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **cfg.tiny_lm)
+    return LlamaForCausalLM(tiny).eval(), tok
+
+
+# SmolLM2's own template, extended to LLaVA-style list content ({"type": "image"} -> "<image>\n"), so the
+# processor renders {"image", "text"} messages exactly as the bench renders "<image>\n" + text strings.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+    "{% endif %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}{{ '<image>\n' }}"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def build_llava(cfg: BuildConfig) -> tuple[torch.nn.Module, object]:
+    """Untrained LLaVA-layout model (seeded) around the LM, and its ``LlavaProcessor``."""
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    torch.manual_seed(cfg.seed)
+    lm, tok = _lm_and_tokenizer(cfg)
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tok.padding_side = "left"
+    tok.chat_template = CHAT_TEMPLATE
+    lm.resize_token_embeddings(len(tok), mean_resizing=False)
+    vision = CLIPVisionConfig(hidden_size=cfg.vision_hidden, intermediate_size=4 * cfg.vision_hidden,
+                              num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_heads,
+                              image_size=cfg.image_size, patch_size=cfg.patch_size, projection_dim=cfg.vision_hidden)
+    config = LlavaConfig(vision_config=vision, text_config=lm.config,
+                         image_token_index=tok.convert_tokens_to_ids("<image>"), image_seq_length=cfg.image_tokens,
+                         vision_feature_layer=-1, vision_feature_select_strategy="default",
+                         tie_word_embeddings=True)
+    model = LlavaForConditionalGeneration(config)
+    model.model.language_model.load_state_dict(lm.model.state_dict())
+    model.tie_weights()
+    size = {"height": cfg.image_size, "width": cfg.image_size}
+    image_processor = CLIPImageProcessor(size=size, crop_size=size, do_center_crop=False)
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=cfg.patch_size,
+                               vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE,
+                               num_additional_image_tokens=1)
+    return model.eval(), processor
+
+
+def response_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy on the response tokens only; the LM head runs just there (the vocabulary is 49k)."""
+    labels = batch["labels"]
+    hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         pixel_values=batch.get("pixel_values")).last_hidden_state
+    keep = labels[:, 1:] != -100
+    logits = model.lm_head(hidden[:, :-1][keep])
+    return torch.nn.functional.cross_entropy(logits.float(), labels[:, 1:][keep])
+
+
+def _schedule(step: int, total: int) -> float:
+    warm = max(1, round(0.05 * total))
+    return (step + 1) / warm if step < warm else 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+
+def _train(model, params_groups, examples: list[Example], steps: int, batch: int, cfg: BuildConfig,
+           processor, pixels: PixelCache, device: str, desc: str) -> float:
+    opt = torch.optim.AdamW(params_groups, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, steps))
+    rng = torch.Generator().manual_seed(cfg.seed + 1)
+    model.train()
+    loss_avg = float("nan")
+    with tqdm(range(steps), desc=desc, unit="step", leave=False) as bar:
+        for _ in bar:
+            idx = torch.randint(len(examples), (batch,), generator=rng).tolist()
+            data = collate_train(processor.tokenizer, [examples[i] for i in idx], pixels, cfg.image_tokens)
+            loss = response_loss(model, {k: v.to(device) for k, v in data.items()})
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_avg = loss.item() if math.isnan(loss_avg) else 0.9 * loss_avg + 0.1 * loss.item()
+            bar.set_postfix(loss=f"{loss_avg:.3f}")
+    model.eval()
+    log.info("%s: final smoothed loss %.4f", desc, loss_avg)
+    return loss_avg
+
+
+def _set_trainable(model: torch.nn.Module, prefixes: tuple[str, ...]) -> list[torch.nn.Parameter]:
+    out = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith(prefixes))
+        if p.requires_grad:
+            out.append(p)
+    return out
+
+
+def train_vision_tower(model, labels, pixels: PixelCache, cfg: BuildConfig, device: str) -> float:
+    """Stage 1a: colour and shape heads on the tower's mean patch feature (the heads are then dropped)."""
+    tower = model.model.vision_tower
+    heads = torch.nn.Linear(cfg.vision_hidden, len(assets.COLORS) + len(assets.SHAPES)).to(device)
+    params = [*tower.parameters(), *heads.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=cfg.vision_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, cfg.vision_steps))
+    rng = torch.Generator().manual_seed(cfg.seed + 2)
+    color = torch.tensor([assets.COLORS.index(lab.color) for lab in labels])
+    shape = torch.tensor([assets.SHAPES.index(lab.shape) for lab in labels])
+    tower.train()
+    acc = 0.0
+    with tqdm(range(cfg.vision_steps), desc="stage 1a: vision tower", unit="step", leave=False) as bar:
+        for _ in bar:
+            idx = torch.randint(len(labels), (cfg.vision_batch,), generator=rng)
+            px = pixels.get([labels[i].image for i in idx.tolist()]).to(device)
+            feats = tower(pixel_values=px).last_hidden_state[:, 1:].mean(dim=1)
+            out = heads(feats)
+            c, s = color[idx].to(device), shape[idx].to(device)
+            nc = len(assets.COLORS)
+            loss = torch.nn.functional.cross_entropy(out[:, :nc], c) + torch.nn.functional.cross_entropy(out[:, nc:], s)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            hit = (out[:, :nc].argmax(-1) == c) & (out[:, nc:].argmax(-1) == s)
+            acc = 0.9 * acc + 0.1 * hit.float().mean().item()
+            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.2f}")
+    tower.eval()
+    log.info("stage 1a: running train accuracy %.3f", acc)
+    return acc
+
+
+def _save(model, processor, out: Path, meta: dict) -> None:
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    (tmp / "tailorbench.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+
+
+def load_model(path: Path, device: str = "cpu") -> tuple[torch.nn.Module, object]:
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).to(device).eval()
+    processor = AutoProcessor.from_pretrained(path)
+    processor.tokenizer.padding_side = "left"
+    return model, processor
+
+
+def build_models(cfg: BuildConfig, cache_root: Path, device: str = "cpu") -> BuiltModels:
+    """Build (or reuse) pre-trained and fine-tuned mini-LLaVAs and the calibration set under the cache."""
+    stage1_root = cache_root / "tailorbench" / f"stage1-{cfg.stage1_key()}"
+    root = cache_root / "tailorbench" / cfg.key()
+    root.mkdir(parents=True, exist_ok=True)
+    stage1_root.mkdir(parents=True, exist_ok=True)
+    pre_dir, ft_dir, calib_dir = stage1_root / "pretrained", root / "finetuned", root / "calibration"
+    seconds = {}
+    train_items = assets.load_vqa("train")
+    labels = assets.image_labels(train_items)
+    n_layers = None
+    if not (pre_dir / "config.json").exists():
+        t0 = time.perf_counter()
+        model, processor = build_llava(cfg)
+        model.to(device)
+        pixels = PixelCache(processor.image_processor)
+        acc = train_vision_tower(model, labels, pixels, cfg, device)
+        params = _set_trainable(model, ("model.multi_modal_projector.",))
+        loss = _train(model, [{"params": params, "lr": cfg.align_lr}], caption_examples(labels), cfg.align_steps,
+                      cfg.align_batch, cfg, processor, pixels, device, "stage 1b: projector alignment")
+        seconds["stage1"] = time.perf_counter() - t0
+        _save(model, processor, pre_dir, {"build": asdict(cfg), "stage": "pretrained", "vision_acc": acc,
+                                          "align_loss": loss, "seconds": seconds["stage1"]})
+        del model
+    if not (ft_dir / "config.json").exists():
+        t0 = time.perf_counter()
+        model, processor = load_model(pre_dir, device)
+        n_layers = model.config.text_config.num_hidden_layers
+        layers = tuple(f"model.language_model.layers.{i}." for i in range(n_layers - cfg.tune_last, n_layers))
+        layer_params = _set_trainable(model, layers)
+        proj_params = [p for n, p in model.named_parameters() if n.startswith("model.multi_modal_projector.")]
+        for p in proj_params:
+            p.requires_grad_(True)
+        groups = [{"params": layer_params, "lr": cfg.ft_lr}, {"params": proj_params, "lr": cfg.ft_projector_lr}]
+        examples = vqa_examples(sample(train_items, cfg.ft_steps * cfg.ft_batch * 4, cfg.seed + 3))
+        loss = _train(model, groups, examples, cfg.ft_steps, cfg.ft_batch, cfg, processor,
+                      PixelCache(processor.image_processor), device, "fine-tune: easy-VQA")
+        seconds["finetune"] = time.perf_counter() - t0
+        _save(model, processor, ft_dir, {"build": asdict(cfg), "stage": "finetuned", "ft_loss": loss,
+                                         "seconds": seconds["finetune"]})
+        del model
+    if not (calib_dir / "calibration.jsonl").exists():
+        # Calibration comes from the TRAIN split, disjoint from the fine-tuning draw's seed stream.
+        write_calibration(sample(train_items, cfg.calibration_samples, cfg.seed + 4), calib_dir)
+    if n_layers is None:
+        n_layers = json.loads((pre_dir / "config.json").read_text())["text_config"]["num_hidden_layers"]
+    for key, folder in (("stage1", pre_dir), ("finetune", ft_dir)):  # cached runs report the build times
+        if key not in seconds and (folder / "tailorbench.json").exists():
+            seconds[key] = json.loads((folder / "tailorbench.json").read_text()).get("seconds", 0.0)
+    tuned = tuple(range(n_layers - cfg.tune_last, n_layers))
+    return BuiltModels(root, pre_dir, ft_dir, calib_dir / "calibration.jsonl", tuned, seconds)

@@ -1,0 +1,130 @@
+"""TailorBench evaluation: greedy decoding on fixed test subsets, scored with a documented normalisation.
+
+Original abilities (what fine-tuning should not destroy): ``capital_qa`` (world knowledge, text only) and
+``captioning`` (easy-VQA test images). Target: ``easy_vqa`` test accuracy. METHOD §13 defines the ratios.
+
+Normalisation (``normalize``): Unicode NFKD, accents dropped, lower case, every run of non-alphanumeric
+characters replaced by one space, trimmed. Scoring:
+
+* ``capital_qa``: hit when the normalised capital occurs in the normalised answer as whole words.
+* ``captioning``: hit when the set of easy-VQA colour words in the answer is exactly {true colour} and the
+  set of shape words is exactly {true shape} (listing several colours does not score).
+* ``easy_vqa``: hit when the normalised answer equals the single-word ground truth.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from . import assets
+from .data import Example, PixelCache, capital_examples, caption_examples, collate_generate, sample, vqa_examples
+
+ORIGINAL_TASKS = ("capital_qa", "captioning")
+TARGET_TASKS = ("easy_vqa",)
+
+
+def normalize(text: str) -> str:
+    decomposed = unicodedata.normalize("NFKD", text)
+    plain = "".join(ch for ch in decomposed if not unicodedata.combining(ch)).lower()
+    return " ".join("".join(ch if ch.isalnum() else " " for ch in plain).split())
+
+
+def capital_hit(answer: str, capital: str) -> bool:
+    return f" {normalize(capital)} " in f" {normalize(answer)} "
+
+
+def caption_hit(answer: str, truth: str) -> bool:
+    """``truth`` is the templated caption ("A blue rectangle."); colour and shape must both be right."""
+    words = set(normalize(answer).split())
+    want = set(normalize(truth).split())
+    colors, shapes = set(assets.COLORS), set(assets.SHAPES)
+    return (words & colors) == (want & colors) and (words & shapes) == (want & shapes)
+
+
+def vqa_hit(answer: str, truth: str) -> bool:
+    return normalize(answer) == normalize(truth)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Sizes of the fixed test subsets (None = all) and decoding lengths; the seed fixes the subsets."""
+
+    n_capitals: int | None = None
+    n_captions: int = 200
+    n_vqa: int = 400
+    batch_size: int = 16
+    capital_tokens: int = 16
+    caption_tokens: int = 10
+    vqa_tokens: int = 4
+    seed: int = 1234
+
+    @classmethod
+    def quick(cls) -> EvalConfig:
+        return cls(n_capitals=64, n_captions=48, n_vqa=128)
+
+    @classmethod
+    def tiny(cls) -> EvalConfig:
+        return cls(n_capitals=4, n_captions=4, n_vqa=4, batch_size=4, capital_tokens=3, caption_tokens=3,
+                   vqa_tokens=2)
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    examples: list[Example]
+    max_new_tokens: int
+    hit: Callable[[str, str], bool]
+
+
+def build_tasks(cfg: EvalConfig) -> list[Task]:
+    """The three tasks on their fixed subsets; test split only (calibration and training use train)."""
+    test_items = assets.load_vqa("test")
+    caps = capital_examples(sample(assets.load_capitals(), cfg.n_capitals, cfg.seed))
+    captions = caption_examples(sample(assets.image_labels(test_items), cfg.n_captions, cfg.seed + 1))
+    vqa = vqa_examples(sample(test_items, cfg.n_vqa, cfg.seed + 2))
+    return [
+        Task("capital_qa", caps, cfg.capital_tokens, capital_hit),
+        Task("captioning", captions, cfg.caption_tokens, caption_hit),
+        Task("easy_vqa", vqa, cfg.vqa_tokens, vqa_hit),
+    ]
+
+
+@torch.no_grad()
+def generate(model, processor, examples: Sequence[Example], pixels: PixelCache, *, max_new_tokens: int,
+             batch_size: int, image_tokens: int, desc: str) -> list[str]:
+    """Greedy answers, batched with left padding; special tokens stripped."""
+    tok = processor.tokenizer
+    device = next(model.parameters()).device
+    answers: list[str] = []
+    for start in tqdm(range(0, len(examples), batch_size), desc=desc, unit="batch", leave=False):
+        batch = collate_generate(tok, examples[start : start + batch_size], pixels, image_tokens)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        new = out[:, batch["input_ids"].shape[1] :]
+        answers.extend(tok.batch_decode(new, skip_special_tokens=True))
+    return answers
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    scores: dict[str, float]
+    samples: dict[str, list[tuple[str, str]]]  # a few (answer, truth) pairs per task, for the report
+
+
+def evaluate(model, processor, tasks: Sequence[Task], pixels: PixelCache, cfg: EvalConfig, image_tokens: int,
+             label: str = "") -> TaskResult:
+    """Score one model on every task."""
+    scores, samples = {}, {}
+    for task in tasks:
+        answers = generate(model, processor, task.examples, pixels, max_new_tokens=task.max_new_tokens,
+                           batch_size=cfg.batch_size, image_tokens=image_tokens, desc=f"eval {label} {task.name}")
+        hits = [task.hit(a, ex.response) for a, ex in zip(answers, task.examples, strict=True)]
+        scores[task.name] = sum(hits) / max(1, len(hits))
+        samples[task.name] = [(a, ex.response) for a, ex in zip(answers[:3], task.examples[:3], strict=True)]
+    return TaskResult(scores, samples)
