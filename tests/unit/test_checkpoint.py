@@ -155,3 +155,15 @@ def test_atomic_output_gets_default_permissions(tmp_path):
     finally:
         os.umask(umask)
     assert (tmp_path / "p.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_written_checkpoint_folder_gets_default_permissions(tmp_path):
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        out = _write_dir(tmp_path / "ckpt", {"a": torch.zeros(2)})
+    finally:
+        os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o755
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o644

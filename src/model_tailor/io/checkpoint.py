@@ -230,6 +230,11 @@ class CheckpointWriter:
         self.max_shard_bytes = max_shard_bytes
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.", suffix=".tmp", dir=self.out_dir.parent))
+        # mkdtemp creates 0700; the finished checkpoint gets what a plain mkdir would give (0777 & ~umask).
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self._tmp, 0o777 & ~umask)
+        self._file_mode = 0o666 & ~umask  # safetensors writes shards 0600; give them a plain file's mode
         self._buffer: dict[str, torch.Tensor] = {}
         self._buffer_bytes = 0
         self._shards: list[list[str]] = []
@@ -293,6 +298,7 @@ class CheckpointWriter:
                 index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
                 (self._tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
             for file in self._tmp.iterdir():
+                os.chmod(file, self._file_mode)
                 with open(file, "rb") as handle:
                     os.fsync(handle.fileno())
             if self.out_dir.exists():
