@@ -11,39 +11,10 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import save_file
+from tailor_cli import expect_failure, tailor_args
 
 from model_tailor.cli import main
 from model_tailor.io.checkpoint import CheckpointReader
-
-
-def _args(pair, out_dir, *extra):
-    return [
-        "tailor",
-        "--base",
-        str(pair.base),
-        "--finetuned",
-        str(pair.finetuned),
-        "--calibration",
-        str(pair.calibration),
-        "--out",
-        str(out_dir / "p.safetensors"),
-        "--quiet",
-        "--samples",
-        "4",
-        *extra,
-    ]
-
-
-def _fails(capsys, argv, out_dir, code, match):
-    before = sorted(p.name for p in out_dir.iterdir())
-    capsys.readouterr()  # drop what building the fixtures printed; only the command's own output counts
-    rc = main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == code, err
-    assert len(err) == 1 and err[0].startswith("model-tailor tailor: error: "), err
-    assert match in err[0], err[0]
-    assert sorted(p.name for p in out_dir.iterdir()) == before, "something was written"
-    return err[0]
 
 
 def _copy_with(tmp_path, pair, name, edit):
@@ -59,7 +30,7 @@ def _copy_with(tmp_path, pair, name, edit):
 
 def test_success_writes_patch_report_and_summary(pico, tmp_path, capsys):
     pair = pico("llama")
-    rc = main(_args(pair, tmp_path)[:-3] + ["--samples", "4", "--density", "0.25", "--block-size", "16"])
+    rc = main(tailor_args(pair, tmp_path)[:-3] + ["--samples", "4", "--density", "0.25", "--block-size", "16"])
     out = capsys.readouterr().out
     assert rc == 0
     assert (tmp_path / "p.safetensors").is_file()
@@ -72,7 +43,7 @@ def test_success_writes_patch_report_and_summary(pico, tmp_path, capsys):
 
 def test_dry_run_prints_plan_and_writes_nothing(pico, tmp_path, capsys):
     pair = pico("llava")
-    rc = main(_args(pair, tmp_path, "--dry-run"))
+    rc = main(tailor_args(pair, tmp_path, "--dry-run"))
     out = capsys.readouterr().out
     assert rc == 0
     assert "targets:" in out and "language_model.model.layers.0.mlp.up_proj.weight" in out
@@ -86,8 +57,7 @@ def test_config_file_and_flag_override(pico, tmp_path, capsys):
     pair = pico("llama")
     cfg = tmp_path / "c.yaml"
     cfg.write_text(
-        f"base: {pair.base}\nfinetuned: {pair.finetuned}\ncalibration: {pair.calibration}\n"
-        "density: 0.5\nsamples: 2\n"
+        f"base: {pair.base}\nfinetuned: {pair.finetuned}\ncalibration: {pair.calibration}\ndensity: 0.5\nsamples: 2\n"
     )
     rc = main(
         [
@@ -109,12 +79,10 @@ def test_config_file_and_flag_override(pico, tmp_path, capsys):
 def test_unknown_config_key(pico, tmp_path, capsys):
     pair = pico("llama")
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(
-        f"base: {pair.base}\nfinetuned: {pair.finetuned}\ncalibration: {pair.calibration}\ndesnity: 1\n"
-    )
+    cfg.write_text(f"base: {pair.base}\nfinetuned: {pair.finetuned}\ncalibration: {pair.calibration}\ndesnity: 1\n")
     out = tmp_path / "out"
     out.mkdir()
-    _fails(
+    expect_failure(
         capsys,
         ["tailor", "--config", str(cfg), "--out", str(out / "p.safetensors")],
         out,
@@ -125,14 +93,14 @@ def test_unknown_config_key(pico, tmp_path, capsys):
 
 @pytest.mark.parametrize("density", ["0", "1.5"])
 def test_bad_density(pico, tmp_path, capsys, density):
-    _fails(capsys, _args(pico("llama"), tmp_path, "--density", density), tmp_path, 2, "density")
+    expect_failure(capsys, tailor_args(pico("llama"), tmp_path, "--density", density), tmp_path, 2, "density")
 
 
 def test_mismatched_architectures(pico, tmp_path, capsys):
     llama, llava = pico("llama"), pico("llava")
-    argv = _args(llama, tmp_path)
+    argv = tailor_args(llama, tmp_path)
     argv[argv.index("--finetuned") + 1] = str(llava.finetuned)
-    _fails(capsys, argv, tmp_path, 1, "different architectures")
+    expect_failure(capsys, argv, tmp_path, 1, "different architectures")
 
 
 def test_shape_mismatch_and_missing_tensors_list_every_offender(pico, tmp_path, capsys):
@@ -146,9 +114,9 @@ def test_shape_mismatch_and_missing_tensors_list_every_offender(pico, tmp_path, 
     bad = _copy_with(tmp_path, pair, "bad", edit)
     out = tmp_path / "out"
     out.mkdir()
-    argv = _args(pair, out)
+    argv = tailor_args(pair, out)
     argv[argv.index("--finetuned") + 1] = str(bad)
-    line = _fails(capsys, argv, out, 1, "do not match")
+    line = expect_failure(capsys, argv, out, 1, "do not match")
     for name in ("model.norm.weight", "lm_head.weight", "model.layers.0.mlp.up_proj.weight"):
         assert name in line
 
@@ -163,9 +131,9 @@ def test_nan_weights(pico, tmp_path, capsys):
     )
     out = tmp_path / "out"
     out.mkdir()
-    argv = _args(pair, out)
+    argv = tailor_args(pair, out)
     argv[argv.index("--finetuned") + 1] = str(bad)
-    _fails(capsys, argv, out, 1, "model.layers.1.mlp.up_proj.weight (finetuned)")
+    expect_failure(capsys, argv, out, 1, "model.layers.1.mlp.up_proj.weight (finetuned)")
 
 
 @pytest.mark.parametrize(
@@ -181,9 +149,9 @@ def test_bad_calibration(pico, tmp_path, capsys, content, match):
     cal.write_text(content)
     out = tmp_path / "out"
     out.mkdir()
-    argv = _args(pico("llama"), out)
+    argv = tailor_args(pico("llama"), out)
     argv[argv.index("--calibration") + 1] = str(cal)
-    _fails(capsys, argv, out, 1, match)
+    expect_failure(capsys, argv, out, 1, match)
 
 
 def test_unreadable_image(pico, tmp_path, capsys):
@@ -192,25 +160,27 @@ def test_unreadable_image(pico, tmp_path, capsys):
     cal.write_text(json.dumps({"prompt": "describe this", "response": "a cat", "image": "broken.png"}) + "\n")
     out = tmp_path / "out"
     out.mkdir()
-    argv = _args(pico("llava"), out)
+    argv = tailor_args(pico("llava"), out)
     argv[argv.index("--calibration") + 1] = str(cal)
-    _fails(capsys, argv, out, 1, "broken.png")
+    expect_failure(capsys, argv, out, 1, "broken.png")
 
 
 def test_missing_checkpoint(pico, tmp_path, capsys):
-    argv = _args(pico("llama"), tmp_path)
+    argv = tailor_args(pico("llama"), tmp_path)
     argv[argv.index("--base") + 1] = str(tmp_path / "nope")
-    _fails(capsys, argv, tmp_path, 1, "does not exist")
+    expect_failure(capsys, argv, tmp_path, 1, "does not exist")
 
 
 def test_nothing_to_write(pico, tmp_path, capsys):
-    argv = _args(pico("llama"), tmp_path)
+    argv = tailor_args(pico("llama"), tmp_path)
     i = argv.index("--out")
     del argv[i : i + 2]
-    _fails(capsys, argv, tmp_path, 2, "nothing to write")
+    expect_failure(capsys, argv, tmp_path, 2, "nothing to write")
 
 
 def test_cuda_unavailable(pico, tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("CUDA present")
-    _fails(capsys, _args(pico("llama"), tmp_path, "--device", "cuda"), tmp_path, 2, "CUDA is not available")
+    expect_failure(
+        capsys, tailor_args(pico("llama"), tmp_path, "--device", "cuda"), tmp_path, 2, "CUDA is not available"
+    )
