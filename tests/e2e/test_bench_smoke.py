@@ -32,6 +32,13 @@ def test_bench_smoke(tmp_path):
     assert data["benchmark"] == "tailorbench" and data["version"] == 1 and data["quick"] is True
     methods = {r["method"] for r in data["rows"]}
     assert {"pretrained", "finetuned", "model_tailor"} <= methods
+    if cfg.engine == "pipeline":  # preserve-aware rows (Issue 5) on the bench-written user data, sparse and dense
+        preserve = [r for r in data["rows"] if r["method"] == "model_tailor_preserve"]
+        assert {(r["params"]["preserve"], r["density"]) for r in preserve} == {("user", 0.1), ("user", 1.0)}
+        assert all({"structure", "preserve", "lambda"} <= set(r["params"]) for r in preserve)
+        assert all(r["extra"]["tailor"]["preserve"]["preserve_weight"] == r["params"]["lambda"] for r in preserve)
+        check = data["meta"]["preserve_data"]["check"]
+        assert check["records"] > 0 and check["test_countries"] > 0
     for row in data["rows"]:
         assert set(row["original"]) == {"capital_qa", "captioning"} and set(row["target"]) == {"easy_vqa"}
         for key in (
@@ -56,6 +63,29 @@ def test_bench_smoke(tmp_path):
     again = run_bench(cfg)
     assert all(r.cached for r in again.rows)
     assert [r.h_score for r in again.rows] == [r.h_score for r in result.rows]
+
+
+def test_preserve_leak_check_fails_loudly(tmp_path):
+    from model_tailor.bench import assets
+    from model_tailor.bench.runner import LeakError, check_preserve_disjoint, write_bench_preserve
+    from model_tailor.bench.tasks import build_tasks, split_capitals
+
+    tasks = build_tasks(EvalConfig.tiny())
+    path = write_bench_preserve(tmp_path, seed=0)
+    assert check_preserve_disjoint(path, tasks, ["Write a haiku about autumn."])["records"] > 0
+    test_country = split_capitals()[0][0]
+    leaks = {
+        "capital": {"prompt": f"What is the capital of {test_country.country}?", "response": test_country.capital},
+        "image": {"prompt": "Describe the image in a few words.", "response": "A red circle.",
+                  "image": str(assets.load_vqa("test")[0].image)},
+    }
+    for rec in leaks.values():
+        bad = path.parent / "bad.jsonl"
+        bad.write_text(path.read_text() + json.dumps(rec) + "\n")
+        with pytest.raises(LeakError):
+            check_preserve_disjoint(bad, tasks)
+    with pytest.raises(LeakError):
+        check_preserve_disjoint(path, tasks, [f"Tell me about {test_country.country}."])
 
 
 def test_scoring_rules_documented_in_tasks():

@@ -135,7 +135,15 @@ def load_smollm2_tokenizer() -> object:
     from transformers import AutoTokenizer
 
     gguf = smollm2_gguf()
-    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    return _with_pad_token(AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name))
+
+
+def _with_pad_token(tok: object) -> object:
+    """Padding must not depend on the transformers version: some read no pad token from the GGUF (5.17
+    does not), so fall back to the end-of-turn token the chat template closes every message with."""
+    if tok.pad_token is None:
+        tok.pad_token = "<|im_end|>" if "<|im_end|>" in tok.get_vocab() else tok.eos_token
+    return tok
 
 
 def load_smollm2(dtype: object = None) -> tuple[object, object]:
@@ -149,7 +157,7 @@ def load_smollm2(dtype: object = None) -> tuple[object, object]:
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     gguf = smollm2_gguf()
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tok = _with_pad_token(AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name))
     cfg = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = LlamaForCausalLM(cfg).to(dtype or torch.float32)
     tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=model)["tensors"]

@@ -155,3 +155,24 @@ def write_calibration(items: Sequence[VQAItem], out_dir: Path) -> Path:
     path = out_dir / "calibration.jsonl"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path
+
+
+def write_preserve(capitals: Sequence[Capital], labels: Sequence[ImageLabel], out_dir: Path) -> Path:
+    """"User-style" preserve JSONL for preserve-aware tailoring (Issue 5): original-ability records only.
+
+    Capital questions (the eval's exact question, answered with the true capital) for held-out countries and
+    templated captions (stage 1's instruction and caption) of easy-VQA TRAIN images; the caller passes
+    items disjoint from every test set and checks it (``runner.check_preserve_disjoint``).
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "images").mkdir(exist_ok=True)
+    lines = [json.dumps({"prompt": CAPITAL_QUESTION.format(country=c.country), "response": c.capital})
+             for c in capitals]
+    for lab in labels:
+        rel = f"images/train-{lab.image_id}.png"
+        if not (out_dir / rel).exists():
+            shutil.copyfile(lab.image, out_dir / rel)
+        lines.append(json.dumps({"prompt": CAPTION_INSTRUCTION, "response": caption_of(lab), "image": rel}))
+    path = out_dir / "preserve.jsonl"
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path

@@ -9,18 +9,20 @@ default, or the ``inmemory`` engine (kernel + one forward pass of hooks) as a fa
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from fnmatch import fnmatch
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from ..baselines import BASELINES, BaselineParams
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +32,41 @@ MT_VARIANTS = {  # row name -> tailor() options; ablations at density 0.10 (METH
     "mt_salience_only": {"alpha": 1.0, "compensation": "obs"},
     "mt_sensitivity_only": {"alpha": 0.0, "compensation": "obs"},
     "mt_no_compensation": {"alpha": 0.8, "compensation": "none"},
-    "mt_official_sign": {"alpha": 0.8, "compensation": "official"},
+    # The released code has no guard; with it on, the guard rejects the flipped sign's worse result and the row
+    # would silently equal mt_no_compensation (measured on the H100 run of 2026-11-24). So: guard off here.
+    "mt_official_sign": {"alpha": 0.8, "compensation": "official", "guard": False},
 }
+# Preserve-aware Model Tailor (Issue 5, PILOT.md dual objective): params {structure, preserve, lambda}; preserve
+# is "user" (the bench-written original-ability JSONL, ``data.write_preserve``) or "self" (base-model answers
+# to the shipped generic instructions). Pipeline engine only.
+PRESERVE_METHOD = "model_tailor_preserve"
+TAILOR_METHODS = (*MT_VARIANTS, PRESERVE_METHOD)
+
+
+def preserve_spec(density: float, engine: str, *, structure: str = "sparse", preserve: str = "user",
+                  lam: float | None = None, **extra: object) -> MethodSpec:
+    """One ``model_tailor_preserve`` row; ``lam`` None = the library default (config.DEFAULT_PRESERVE_WEIGHT)."""
+    from ..config import DEFAULT_PRESERVE_WEIGHT
+
+    params = {**MT_VARIANTS["model_tailor"], "engine": engine, "structure": structure, "preserve": preserve,
+              "lambda": DEFAULT_PRESERVE_WEIGHT if lam is None else lam, **extra}
+    return MethodSpec(PRESERVE_METHOD, density, params)
+
+
+def preserve_specs(quick: bool, engine: str) -> list[MethodSpec]:
+    """Quick: two rows (user data, sparse 0.10 and dense; ``self`` costs ~60 s more of generation, so it is in
+    the full variant only). Full: density sweep, lambda grid at 0.10, the structures, ``self`` and
+    ``salience_from="target"`` at 0.10."""
+    if engine != "pipeline":
+        return []  # the in-memory fallback engine has no preserve stream
+    if quick:
+        return [preserve_spec(0.10, engine), preserve_spec(1.0, engine)]
+    rows = [preserve_spec(d, engine) for d in (0.01, 0.05, 0.10, 0.20, 1.0)]
+    rows += [preserve_spec(0.10, engine, lam=lam) for lam in (0.3, 3.0)]  # with the default 1.0: grid {0.3, 1, 3}
+    rows += [preserve_spec(d, engine, structure=st) for st in ("lowrank", "sparse+lowrank") for d in (0.05, 0.10)]
+    rows += [preserve_spec(d, engine, preserve="self") for d in (0.10, 1.0)]
+    rows += [preserve_spec(0.10, engine, salience_from="target")]
+    return rows
 
 
 @dataclass(frozen=True)
@@ -52,6 +87,18 @@ class MethodSpec:
         return json.dumps({"m": self.method, "d": self.density, "p": self.params}, sort_keys=True)
 
 
+def select_specs(specs: list[MethodSpec], only: tuple[str, ...]) -> list[MethodSpec]:
+    """Rows whose method name matches one of the ``only`` globs; pretrained and finetuned always stay (every
+    ratio is relative to them). No pattern: every row."""
+    if not only:
+        return specs
+    keep = [s for s in specs if s.method in ("pretrained", "finetuned") or any(fnmatch(s.method, o) for o in only)]
+    if len(keep) == 2:
+        names = sorted({s.method for s in specs} - {"pretrained", "finetuned"})
+        raise ConfigError(f"--methods {' '.join(only)} matches no row; rows are: {', '.join(names)}")
+    return keep
+
+
 def method_specs(quick: bool, engine: str) -> list[MethodSpec]:
     """The full matrix, or the quick subset (the models are the same; only the row list shrinks)."""
     mt = [MethodSpec("model_tailor", d, {**MT_VARIANTS["model_tailor"], "engine": engine}) for d in DENSITIES]
@@ -61,10 +108,9 @@ def method_specs(quick: bool, engine: str) -> list[MethodSpec]:
     dense = [MethodSpec("task_arithmetic", None, {"scale": s}) for s in (0.3, 0.5, 0.7)]
     dense += [MethodSpec("wise_ft", None, {"scale": a}) for a in (0.25, 0.5, 0.75)]
     rows = [MethodSpec("pretrained"), MethodSpec("finetuned")]
-    if quick:
-        return rows + [mt[2], ablations[2], MethodSpec("magnitude", 0.10), MethodSpec("dare", 0.10, {"seed": 0}),
-                       MethodSpec("wise_ft", None, {"scale": 0.5})]
-    return rows + mt + ablations + sparse + dense
+    if quick:  # kept small for a cold `make demo` in ~15 min: plain Model Tailor, one baseline, two preserve rows
+        return rows + [mt[2], MethodSpec("magnitude", 0.10), *preserve_specs(quick, engine)]
+    return rows + mt + ablations + preserve_specs(quick, engine) + sparse + dense
 
 
 def changed_tensors(base: Mapping[str, torch.Tensor], finetuned: Mapping[str, torch.Tensor]) -> list[str]:
@@ -101,6 +147,24 @@ class TailorInputs:
     device: str
     work_dir: Path
     to_ckpt: dict[str, str]  # state-dict name -> checkpoint tensor name (transformers 5 renames LLaVA keys)
+    preserve_user: Path | None = None  # the bench-written preserve JSONL (``preserve: "user"`` rows)
+    preserve_samples: int = 64
+    cache_dir: Path | None = None  # where ``preserve: "self"`` caches its generations
+
+
+def _tailor_fields(spec: MethodSpec, inputs: TailorInputs) -> dict:
+    """``tailor()`` keyword arguments of one row beyond the common ones."""
+    p = spec.params
+    fields = {"alpha": p["alpha"], "compensation": p["compensation"], "guard": p.get("guard", True)}
+    if spec.method == PRESERVE_METHOD:
+        if p["preserve"] == "user" and inputs.preserve_user is None:
+            raise CheckpointError("preserve row without the bench's preserve data")
+        fields.update(preserve="self" if p["preserve"] == "self" else str(inputs.preserve_user),
+                      preserve_weight=p["lambda"], preserve_samples=inputs.preserve_samples,
+                      structure=p.get("structure", "sparse"), salience_from=p.get("salience_from", "delta"))
+        if inputs.cache_dir is not None:
+            fields["cache_dir"] = inputs.cache_dir
+    return fields
 
 
 def _tailor_rows(specs: list[MethodSpec], inputs: TailorInputs, base: Mapping[str, torch.Tensor],
@@ -127,11 +191,11 @@ def _tailor_rows(specs: list[MethodSpec], inputs: TailorInputs, base: Mapping[st
         from ..api import tailor
 
         t0 = time.perf_counter()
-        patch_path = inputs.work_dir / f"{spec.method}-{spec.density:g}.safetensors"
+        tag = "" if spec.method in MT_VARIANTS else "-" + hashlib.sha256(spec.key().encode()).hexdigest()[:8]
+        patch_path = inputs.work_dir / f"{spec.method}-{spec.density:g}{tag}.safetensors"
         result = tailor(base=inputs.base, finetuned=inputs.finetuned, calibration=inputs.calibration,
-                        out=patch_path, density=spec.density, alpha=spec.params["alpha"],
-                        compensation=spec.params["compensation"], samples=inputs.num_samples,
-                        seed=inputs.seed, device=inputs.device, overwrite=True, progress=True)
+                        out=patch_path, density=spec.density, samples=inputs.num_samples, seed=inputs.seed,
+                        device=inputs.device, overwrite=True, progress=True, **_tailor_fields(spec, inputs))
         unmapped = [n for n in names if n not in inputs.to_ckpt]
         if unmapped:
             raise CheckpointError(f"no checkpoint name for changed tensors {unmapped[:5]}; cannot apply the patch")
@@ -146,7 +210,7 @@ def _report_summary(report: object) -> dict:
     """The few report fields the bench keeps (kept entries, time, warnings); the full report sits beside
     the patch file as ``<patch>.report.json``."""
     out = {}
-    for key in ("kept", "numel", "seconds", "warnings"):
+    for key in ("kept", "numel", "seconds", "warnings", "preserve"):
         value = getattr(report, key, None)
         if value is not None:
             out[key] = json.loads(json.dumps(value, default=str))

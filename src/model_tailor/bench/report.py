@@ -11,7 +11,9 @@ from pathlib import Path
 from ..io.atomic import atomic_path, atomic_write_text
 from .runner import BenchResult, Row
 
-MT_METHODS = ("model_tailor", "mt_salience_only", "mt_sensitivity_only", "mt_no_compensation", "mt_official_sign")
+MT_METHODS = ("model_tailor", "mt_salience_only", "mt_sensitivity_only", "mt_no_compensation", "mt_official_sign",
+              "model_tailor_preserve")
+HIGHLIGHT = {"model_tailor": "crimson", "model_tailor_preserve": "darkgreen"}
 
 
 def _fmt(x: float | None) -> str:
@@ -31,7 +33,7 @@ def markdown_table(result: BenchResult) -> str:
             "target ratio", "H", "seconds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result.rows:
-        name = f"**{r.method}**" if r.method == "model_tailor" else r.method
+        name = f"**{r.method}**" if r.method in HIGHLIGHT else r.method
         cells = [name, "dense" if r.density is None else f"{r.density:g}", _params(r),
                  *(_fmt(r.original[t]) for t in orig_tasks), *(_fmt(r.target[t]) for t in tgt_tasks),
                  _fmt(r.original_score), _fmt(r.target_score), _fmt(r.retention), _fmt(r.target_ratio),
@@ -53,8 +55,18 @@ def markdown_report(result: BenchResult) -> str:
     )
 
 
+def frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Upper-right envelope: the points no other point beats on both axes, by increasing x (ties: best y)."""
+    out: list[tuple[float, float]] = []
+    for x, y in sorted(points, key=lambda p: (-p[0], -p[1])):
+        if not out or y > out[-1][1]:
+            out.append((x, y))
+    return out[::-1]
+
+
 def plot_pareto(result: BenchResult, path: Path) -> None:
-    """Retention (x) against target ratio (y), one point per row; Model Tailor rows highlighted."""
+    """Retention (x) against target ratio (y), one point per row, and each method family's Pareto frontier
+    (upper-right envelope) as a line; Model Tailor and preserve-aware Model Tailor highlighted."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -67,16 +79,23 @@ def plot_pareto(result: BenchResult, path: Path) -> None:
             groups.setdefault(r.method, []).append(r)
     for method, rows in sorted(groups.items()):
         xs, ys = [r.retention for r in rows], [r.target_ratio for r in rows]
-        if method == "model_tailor":
-            ax.plot(xs, ys, "o-", color="crimson", lw=2, ms=9, label=method, zorder=5)
+        front = frontier(list(zip(xs, ys, strict=True)))
+        fx, fy = [p[0] for p in front], [p[1] for p in front]
+        if method in HIGHLIGHT:
+            color = HIGHLIGHT[method]
+            ax.scatter(xs, ys, marker="o", s=60, color=color, alpha=0.6, zorder=5)
+            ax.plot(fx, fy, "o-", color=color, lw=2.5, ms=9, label=f"{method} (frontier)", zorder=6)
         elif method in MT_METHODS:
             ax.scatter(xs, ys, marker="D", s=50, color="salmon", label=method, zorder=4)
         elif method in ("pretrained", "finetuned"):
-            ax.scatter(xs, ys, marker="*", s=180, color="black", zorder=6)
+            ax.scatter(xs, ys, marker="*", s=180, color="black", zorder=7)
         else:
-            ax.plot(xs, ys, "s--", ms=6, alpha=0.8, label=method)
+            (line,) = ax.plot(fx, fy, "--", lw=1, alpha=0.8, label=f"{method} (frontier)")
+            ax.scatter(xs, ys, marker="s", s=30, alpha=0.8, color=line.get_color())
         for r in rows:
             tag = method if method in ("pretrained", "finetuned") else ("" if r.density is None else f"{r.density:g}")
+            if method == "model_tailor_preserve":
+                tag += _preserve_tag(r.params)
             ax.annotate(tag, (r.retention, r.target_ratio), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.axvline(0.99, color="grey", ls=":", lw=1)
     ax.axhline(0.97, color="grey", ls=":", lw=1)
@@ -90,6 +109,20 @@ def plot_pareto(result: BenchResult, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
+
+
+def _preserve_tag(params: dict) -> str:
+    """Short point label of a preserve row beyond its density: non-default structure, source, lambda, salience."""
+    from ..config import DEFAULT_PRESERVE_WEIGHT
+
+    parts = [] if params.get("structure", "sparse") == "sparse" else [str(params["structure"])]
+    if params.get("preserve") == "self":
+        parts.append("self")
+    if params.get("lambda", DEFAULT_PRESERVE_WEIGHT) != DEFAULT_PRESERVE_WEIGHT:
+        parts.append(f"λ{params['lambda']:g}")
+    if params.get("salience_from", "delta") != "delta":
+        parts.append(f"sal={params['salience_from']}")
+    return (" " + ",".join(parts)) if parts else ""
 
 
 def write_outputs(result: BenchResult, out_dir: Path) -> dict[str, Path]:

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import platform
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -21,14 +22,15 @@ import torch
 from .. import __version__
 from ..architectures import checkpoint_names
 from ..io.checkpoint import CheckpointReader
+from . import assets
 from . import methods as M
-from .data import PixelCache
+from .data import CAPITAL_QUESTION, VQA_SUFFIX, PixelCache, sample, write_preserve
 from .models import BuildConfig, build_models, load_model
-from .tasks import ORIGINAL_TASKS, TARGET_TASKS, EvalConfig, build_tasks, evaluate
+from .tasks import ORIGINAL_TASKS, TARGET_TASKS, EvalConfig, Task, build_tasks, evaluate, normalize, split_capitals
 
 log = logging.getLogger(__name__)
 
-RUN_VERSION = 1
+RUN_VERSION = 2  # 2: capital tests exclude the preserve hold-out countries (tasks.split_capitals)
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ class BenchConfig:
     build: BuildConfig = field(default_factory=BuildConfig)
     eval: EvalConfig | None = None  # default: quick or full subsets
     reuse_evals: bool = True
+    only: tuple[str, ...] = ()  # method-name globs (``--methods``); empty = every row of the variant
 
     def eval_config(self) -> EvalConfig:
         return self.eval or (EvalConfig.quick() if self.quick else EvalConfig())
@@ -111,6 +114,67 @@ def _eval_key(cfg: BenchConfig, spec: M.MethodSpec) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+PRESERVE_CAPTIONS = 32  # caption records in the bench's preserve data (plus one capital record per held-out country)
+
+
+class LeakError(RuntimeError):
+    """Preserve data overlaps a test set: the preserve rows would be measured on what they were given."""
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def write_bench_preserve(root: Path, seed: int) -> Path:
+    """The bench's "user-style" preserve JSONL (+ images) under ``root/preserve``: capital questions about the
+    held-out countries and templated captions of easy-VQA train images whose pixels match no test image."""
+    test_hashes = {_sha(it.image) for it in assets.load_vqa("test")}
+    labels = [lab for lab in sample(assets.image_labels(assets.load_vqa("train")), 4 * PRESERVE_CAPTIONS, seed + 5)
+              if _sha(lab.image) not in test_hashes][:PRESERVE_CAPTIONS]
+    return write_preserve(split_capitals()[1], labels, root / "preserve")
+
+
+_CAPITAL_RE = re.compile("^" + re.escape(CAPITAL_QUESTION).replace(re.escape("{country}"), "(.+)") + "$")
+
+
+def check_preserve_disjoint(path: Path, tasks: list[Task], self_instructions: list[str] | None = None) -> dict:
+    """Fail loudly (:class:`LeakError`) if any preserve record touches a test item.
+
+    Checked: capital questions name no country of the capital test pool (every quick/full subset draws from
+    it) nor of this run's subset; images match no easy-VQA test image (path or pixels); no prompt is a VQA test
+    prompt or question. With ``self_instructions`` (``--preserve self``), none may name a test country.
+    """
+    test_countries = {c.country for c in split_capitals()[0]}
+    test_countries |= {m.group(1) for t in tasks if t.name == "capital_qa" for ex in t.examples
+                       if (m := _CAPITAL_RE.match(ex.prompt))}
+    test_items = assets.load_vqa("test")
+    test_paths = {it.image.resolve() for it in test_items}
+    test_hashes = {_sha(p) for p in test_paths}
+    vqa_prompts = {ex.prompt for t in tasks if t.name == "easy_vqa" for ex in t.examples}
+    vqa_prompts |= {it.question for it in test_items}
+    problems, n = [], 0
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        rec = json.loads(line)
+        prompt = rec.get("prompt", "")
+        if (m := _CAPITAL_RE.match(prompt)) and m.group(1) in test_countries:
+            problems.append(f"line {n}: capital question about test country {m.group(1)!r}")
+        if prompt in vqa_prompts or prompt.removesuffix(VQA_SUFFIX) in vqa_prompts:
+            problems.append(f"line {n}: prompt is a VQA test question")
+        if rec.get("image"):
+            img = (path.parent / rec["image"]).resolve()
+            if img in test_paths or _sha(img) in test_hashes:
+                problems.append(f"line {n}: image {rec['image']} is an easy-VQA test image")
+    names = {c: f" {normalize(c)} " for c in test_countries}
+    for i, text in enumerate(self_instructions or [], 1):
+        hits = [c for c, w in names.items() if w in f" {normalize(text)} "]
+        if hits:
+            problems.append(f"self instruction {i} names test countries {hits}: {text!r}")
+    if problems:
+        detail = "; ".join(problems[:8])
+        raise LeakError(f"preserve data overlaps the test sets ({len(problems)} problem(s)): {detail}")
+    return {"records": n, "self_instructions": len(self_instructions or []), "test_countries": len(test_countries)}
+
+
 def run_bench(cfg: BenchConfig) -> BenchResult:
     """Run the benchmark and return its rows (nothing is written here; see ``report.write_outputs``)."""
     t_start = time.perf_counter()
@@ -119,7 +183,7 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
     eval_dir.mkdir(exist_ok=True)
     ecfg = cfg.eval_config()
     tasks = build_tasks(ecfg)
-    specs = M.method_specs(cfg.quick, cfg.engine)
+    specs = M.select_specs(M.method_specs(cfg.quick, cfg.engine), cfg.only)
     model, processor = load_model(built.pretrained, cfg.device)
     image_tokens = model.config.image_seq_length
     pixels = PixelCache(processor.image_processor)
@@ -152,19 +216,26 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
         hit = cached(spec)
         if hit is not None:
             rows.append(Row(**{**hit, "cached": True}))
-        elif spec.method in M.MT_VARIANTS:
+        elif spec.method in M.TAILOR_METHODS:
             todo_mt.append(spec)
         else:
             t0 = time.perf_counter()
             overrides = M.baseline_overrides(spec, base, finetuned, names)
             seconds = built.seconds.get("finetune", 0.0) if spec.method == "finetuned" else time.perf_counter() - t0
             rows.append(score(spec, overrides, seconds, {}))
+    preserve_user, preserve_check = None, None
+    if any(s.method == M.PRESERVE_METHOD for s in specs):  # written and checked even when the rows are cached
+        from ..calibration.selfgen import load_instructions
+
+        preserve_user = write_bench_preserve(built.root, cfg.build.seed)
+        uses_self = any(s.params.get("preserve") == "self" for s in specs if s.method == M.PRESERVE_METHOD)
+        preserve_check = check_preserve_disjoint(preserve_user, tasks, load_instructions() if uses_self else None)
     if todo_mt:
         with CheckpointReader(built.pretrained) as reader:
             to_ckpt = checkpoint_names(model, names, set(reader.names()))
         inputs = M.TailorInputs(built.pretrained, built.finetuned, built.calibration, built.tuned_layers,
                                 cfg.build.calibration_samples, cfg.build.seed, cfg.device, built.root / "patches",
-                                to_ckpt)
+                                to_ckpt, preserve_user, PRESERVE_CAPTIONS + len(split_capitals()[1]), cfg.cache_dir)
         inputs.work_dir.mkdir(exist_ok=True)
         for spec, overrides, seconds, summary in M._tailor_rows(todo_mt, inputs, base, finetuned, names):
             rows.append(score(spec, overrides, seconds, {"tailor": summary}))
@@ -182,6 +253,7 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
                   "tuned_layers": list(built.tuned_layers), "changed_tensors": len(names)},
         "eval": asdict(ecfg),
         "task_sizes": {t.name: len(t.examples) for t in tasks},
+        "preserve_data": None if preserve_user is None else {"path": str(preserve_user), "check": preserve_check},
         "notes": notes,
         "total_seconds": time.perf_counter() - t_start,
     }

@@ -26,6 +26,17 @@ from .data import Example, PixelCache, capital_examples, caption_examples, colla
 
 ORIGINAL_TASKS = ("capital_qa", "captioning")
 TARGET_TASKS = ("easy_vqa",)
+# Countries held out of every capital test subset: the bench's "user-style" preserve data asks about them
+# (Issue 5). A fixed split, independent of the eval seed, so quick and full runs test the same pool.
+PRESERVE_COUNTRIES = 32
+PRESERVE_SPLIT_SEED = 4321
+
+
+def split_capitals() -> tuple[list[assets.Capital], list[assets.Capital]]:
+    """``(test pool, preserve pool)``: every capital test subset samples the first, preserve data the second."""
+    shuffled = sample(assets.load_capitals(), None, PRESERVE_SPLIT_SEED)
+    preserve = sorted(shuffled[:PRESERVE_COUNTRIES], key=lambda c: c.country)
+    return sorted(shuffled[PRESERVE_COUNTRIES:], key=lambda c: c.country), preserve
 
 
 def normalize(text: str) -> str:
@@ -65,7 +76,7 @@ class EvalConfig:
 
     @classmethod
     def quick(cls) -> EvalConfig:
-        return cls(n_capitals=64, n_captions=48, n_vqa=128)
+        return cls(n_capitals=64, n_captions=48, n_vqa=96)  # sized for a cold `make demo` within 15 min
 
     @classmethod
     def tiny(cls) -> EvalConfig:
@@ -82,9 +93,10 @@ class Task:
 
 
 def build_tasks(cfg: EvalConfig) -> list[Task]:
-    """The three tasks on their fixed subsets; test split only (calibration and training use train)."""
+    """The three tasks on their fixed subsets; test split only (calibration and training use train), capitals
+    from the test pool of :func:`split_capitals` (the held-out countries feed the preserve data)."""
     test_items = assets.load_vqa("test")
-    caps = capital_examples(sample(assets.load_capitals(), cfg.n_capitals, cfg.seed))
+    caps = capital_examples(sample(split_capitals()[0], cfg.n_capitals, cfg.seed))
     captions = caption_examples(sample(assets.image_labels(test_items), cfg.n_captions, cfg.seed + 1))
     vqa = vqa_examples(sample(test_items, cfg.n_vqa, cfg.seed + 2))
     return [

@@ -24,6 +24,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's choice); 1 is far faster on an oversubscribed CPU")
     p.add_argument("--no-eval-cache", action="store_true", help="re-evaluate every row instead of reusing results")
+    p.add_argument("--methods", nargs="+", default=(), metavar="GLOB",
+                   help="only rows whose method matches (e.g. 'model_tailor*'); pretrained/finetuned always run")
     p.set_defaults(func=run)
 
 
@@ -41,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     cfg = BenchConfig(quick=args.quick, device=args.device, cache_dir=resolve_cache_dir(args.cache_dir),
-                      engine=args.engine, reuse_evals=not args.no_eval_cache)
+                      engine=args.engine, reuse_evals=not args.no_eval_cache, only=tuple(args.methods))
     result = run_bench(cfg)
     paths = write_outputs(result, args.out)
     print(markdown_table(result))
