@@ -219,11 +219,5 @@ def _report_summary(report: object) -> dict:
     return out
 
 
-def mergekit_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("mergekit") is not None
-
-
 def progress(items: list, desc: str) -> tqdm:
     return tqdm(items, desc=desc, unit="row")
