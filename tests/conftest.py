@@ -123,22 +123,28 @@ def _save_pair(root: Path, arch: str, build, ft_patterns: tuple[str, ...], save_
     return PicoPair(arch, base, ft, _write_calibration(root, records), type(model))
 
 
-def make_llama(root: Path) -> PicoPair:
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    tok = build_tokenizer()
-    tok.chat_template = _template("")
-    cfg = LlamaConfig(
+def _pico_llama_config(tok, **overrides):
+    """The pico language model every fixture shares: hidden 32, 2 layers, 4 heads (``overrides`` adjust it)."""
+    from transformers import LlamaConfig
+
+    fields = dict(
         vocab_size=len(tok),
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=3,
+        num_hidden_layers=2,
         num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=128,
         pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=False,
     )
+    return LlamaConfig(**{**fields, **overrides})
+
+def make_llama(root: Path) -> PicoPair:
+    from transformers import LlamaForCausalLM
+
+    tok = build_tokenizer()
+    tok.chat_template = _template("")
+    cfg = _pico_llama_config(tok, num_hidden_layers=3, num_key_value_heads=2, tie_word_embeddings=False)
     return _save_pair(
         root,
         "llama",
@@ -153,7 +159,6 @@ def make_llava(root: Path) -> PicoPair:
     from transformers import (
         CLIPImageProcessor,
         CLIPVisionConfig,
-        LlamaConfig,
         LlavaConfig,
         LlavaForConditionalGeneration,
         LlavaProcessor,
@@ -170,16 +175,7 @@ def make_llava(root: Path) -> PicoPair:
         patch_size=8,
         projection_dim=16,
     )
-    text = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=128,
-        pad_token_id=tok.pad_token_id,
-    )
+    text = _pico_llama_config(tok, num_key_value_heads=4)
     cfg = LlavaConfig(
         vision_config=vision, text_config=text, image_token_id=image_id, vision_feature_layer=-1
     )
@@ -234,20 +230,11 @@ def make_blip2(root: Path) -> PicoPair:
         Blip2ForConditionalGeneration,
         Blip2Processor,
         BlipImageProcessor,
-        LlamaConfig,
     )
 
     tok = build_tokenizer(("<image>",))
     vision, qformer = _blip_vision_qformer()
-    text = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=128,
-        pad_token_id=tok.pad_token_id,
-    )
+    text = _pico_llama_config(tok)
     cfg = Blip2Config(
         vision_config=vision.to_dict(),
         qformer_config=qformer.to_dict(),
@@ -283,7 +270,6 @@ def make_instructblip(root: Path) -> PicoPair:
         InstructBlipProcessor,
         InstructBlipQFormerConfig,
         InstructBlipVisionConfig,
-        LlamaConfig,
     )
 
     tok = build_tokenizer(("<image>",))
@@ -317,15 +303,7 @@ def make_instructblip(root: Path) -> PicoPair:
             )
         }
     )
-    text = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=128,
-        pad_token_id=tok.pad_token_id,
-    )
+    text = _pico_llama_config(tok)
     cfg = InstructBlipConfig(
         vision_config=vision.to_dict(),
         qformer_config=qformer.to_dict(),
