@@ -15,14 +15,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--base", required=True, help="base checkpoint folder or .safetensors file")
     p.add_argument("--patch", required=True, nargs="+", metavar="FILE", help="patch file(s)")
-    p.add_argument("--out", required=True, help="new checkpoint folder (must not exist)")
-    p.add_argument(
-        "--policy", default="disjoint-mean", help="combine policy for several patches (see `list`)"
-    )
-    p.add_argument("--weights", type=float, nargs="+", help="per-patch scale of each delta")
-    p.add_argument("--force", action="store_true", help="apply even if the patch was made for another base")
-    p.add_argument("--max-shard-bytes", type=int, default=DEFAULT_MAX_SHARD_BYTES, help="output shard size")
+    add_output_options(p, force_help="apply even if the patch was made for another base")
     p.set_defaults(func=run)
+
+
+def add_output_options(p: argparse.ArgumentParser, *, force_help: str) -> None:
+    """The flags ``apply`` and ``remove`` share: they must agree, since ``remove`` undoes ``apply``."""
+    p.add_argument("--out", required=True, help="new checkpoint folder (must not exist)")
+    p.add_argument("--policy", default="disjoint-mean", help="combine policy for several patches (see `list`)")
+    p.add_argument("--weights", type=float, nargs="+", help="per-patch scale of each delta")
+    p.add_argument("--force", action="store_true", help=force_help)
+    p.add_argument("--max-shard-bytes", type=int, default=DEFAULT_MAX_SHARD_BYTES, help="output shard size")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..apply import DEFAULT_MAX_SHARD_BYTES, remove_patches
+from ..apply import remove_patches
+from .apply import add_output_options
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -17,11 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--patch", required=True, nargs="+", metavar="FILE", help="patch file(s) that were applied"
     )
-    p.add_argument("--out", required=True, help="new checkpoint folder (must not exist)")
-    p.add_argument("--policy", default="disjoint-mean", help="combine policy used by `apply`")
-    p.add_argument("--weights", type=float, nargs="+", help="per-patch scale used by `apply`")
-    p.add_argument("--force", action="store_true", help="remove even if the model's tensors do not match")
-    p.add_argument("--max-shard-bytes", type=int, default=DEFAULT_MAX_SHARD_BYTES, help="output shard size")
+    add_output_options(p, force_help="remove even if the model's tensors do not match")
     p.set_defaults(func=run)
 
 
