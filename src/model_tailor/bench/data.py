@@ -119,24 +119,39 @@ def collate_train(
     return out
 
 
-def collate_generate(
-    tokenizer: object, batch: Sequence[Example], pixels: PixelCache, image_tokens: int
-) -> dict[str, torch.Tensor]:
-    """Left-padded prompts for batched greedy generation (all with images, or all without)."""
-    rows = [
-        _ids(tokenizer, render_prompt(tokenizer, ex.prompt, has_image=ex.image is not None,
-                                      image_tokens=image_tokens))
-        for ex in batch
-    ]
-    width = max(map(len, rows))
-    pad = tokenizer.pad_token_id
-    out = {
-        "input_ids": torch.tensor([[pad] * (width - len(r)) + r for r in rows]),
-        "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows]),
+def prompt_ids(tokenizer: object, examples: Sequence[Example], image_tokens: int) -> list[list[int]]:
+    """Token ids of each example's rendered generation prompt (chat template, assistant header last)."""
+    return [_ids(tokenizer, render_prompt(tokenizer, ex.prompt, has_image=ex.image is not None,
+                                          image_tokens=image_tokens)) for ex in examples]
+
+
+def shared_prefix(rows: Sequence[Sequence[int]], stop_token: int | None = None) -> int:
+    """Length of the token prefix every row shares, stopping before ``stop_token`` (the image placeholder,
+    whose features must be merged in the same forward as the pixels) and leaving every row one token."""
+    if not rows:
+        return 0
+    first, limit = rows[0], min(map(len, rows)) - 1
+    n = 0
+    while n < limit and first[n] != stop_token and all(r[n] == first[n] for r in rows):
+        n += 1
+    return n
+
+
+def collate_generate(rows: Sequence[Sequence[int]], prefix: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """A generation batch whose first ``prefix`` tokens are shared (computed once, outside this batch).
+
+    ``input_ids`` holds each row's suffix after the prefix, left-padded to one width; ``attention_mask``
+    spans prefix + padded suffix (0 on the padding, which thus sits between prefix and suffix) and
+    ``position_ids`` numbers the real tokens contiguously, so every row sees exactly its unpadded prompt.
+    """
+    suffixes = [list(r[prefix:]) for r in rows]
+    width = max(map(len, suffixes))
+    mask = torch.tensor([[1] * prefix + [0] * (width - len(s)) + [1] * len(s) for s in suffixes])
+    return {
+        "input_ids": torch.tensor([[pad_id] * (width - len(s)) + s for s in suffixes]),
+        "attention_mask": mask,
+        "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)[:, prefix:],
     }
-    if batch[0].image is not None:
-        out["pixel_values"] = pixels.get([ex.image for ex in batch])
-    return out
 
 
 def write_calibration(items: Sequence[VQAItem], out_dir: Path) -> Path:

@@ -22,7 +22,17 @@ import torch
 from tqdm.auto import tqdm
 
 from . import assets
-from .data import Example, PixelCache, capital_examples, caption_examples, collate_generate, sample, vqa_examples
+from .data import (
+    Example,
+    PixelCache,
+    capital_examples,
+    caption_examples,
+    collate_generate,
+    prompt_ids,
+    sample,
+    shared_prefix,
+    vqa_examples,
+)
 
 ORIGINAL_TASKS = ("capital_qa", "captioning")
 TARGET_TASKS = ("easy_vqa",)
@@ -68,7 +78,7 @@ class EvalConfig:
     n_capitals: int | None = None
     n_captions: int = 200
     n_vqa: int = 400
-    batch_size: int = 16
+    batch_size: int = 64
     capital_tokens: int = 16
     caption_tokens: int = 10
     vqa_tokens: int = 4
@@ -109,18 +119,56 @@ def build_tasks(cfg: EvalConfig) -> list[Task]:
 @torch.no_grad()
 def generate(model, processor, examples: Sequence[Example], pixels: PixelCache, *, max_new_tokens: int,
              batch_size: int, image_tokens: int, desc: str) -> list[str]:
-    """Greedy answers, batched with left padding; special tokens stripped."""
+    """Greedy answers; special tokens stripped.
+
+    Same tokens as ``model.generate(do_sample=False)`` on left-padded prompts, computed with less work: the
+    prompt prefix every example shares (the chat template's system line, 24-29 of 38-64 tokens here) runs
+    once per batch at batch size 1 and its KV cache is repeated across the batch; decoding stops when every
+    row has emitted EOS. On 2 CPU cores this makes a full TailorBench evaluation ~1.6x faster.
+    """
     tok = processor.tokenizer
     device = next(model.parameters()).device
+    rows = prompt_ids(tok, examples, image_tokens)
+    prefix = shared_prefix(rows, getattr(model.config, "image_token_id", None))
     answers: list[str] = []
     for start in tqdm(range(0, len(examples), batch_size), desc=desc, unit="batch", leave=False):
-        batch = collate_generate(tok, examples[start : start + batch_size], pixels, image_tokens)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        new = out[:, batch["input_ids"].shape[1] :]
-        answers.extend(tok.batch_decode(new, skip_special_tokens=True))
+        batch = examples[start : start + batch_size]
+        inputs = {k: v.to(device) for k, v in collate_generate(rows[start : start + len(batch)], prefix,
+                                                               tok.pad_token_id).items()}
+        if batch[0].image is not None:
+            inputs["pixel_values"] = pixels.get([ex.image for ex in batch]).to(device)
+        tokens = _greedy(model, inputs, rows[0][:prefix], max_new_tokens, tok.eos_token_id, tok.pad_token_id)
+        answers.extend(tok.batch_decode(tokens, skip_special_tokens=True))
     return answers
+
+
+def _greedy(model, inputs: dict[str, torch.Tensor], prefix: list[int], max_new_tokens: int, eos_id: int,
+            pad_id: int) -> torch.Tensor:
+    """Greedy tokens ``(batch, <= max_new_tokens)`` after the shared ``prefix`` and the batch's suffixes;
+    rows that have emitted EOS continue with padding."""
+    ids, mask, positions = inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"]
+    batch = ids.shape[0]
+    cache = None
+    if prefix:
+        cache = model(input_ids=torch.tensor([prefix], device=ids.device), use_cache=True).past_key_values
+        cache.batch_repeat_interleave(batch)
+    extra = {"pixel_values": inputs["pixel_values"]} if "pixel_values" in inputs else {}
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
+                logits_to_keep=1, **extra)
+    done = torch.zeros(batch, dtype=torch.bool, device=ids.device)
+    position = positions[:, -1:]
+    tokens = []
+    for step in range(max_new_tokens):
+        nxt = out.logits[:, -1].argmax(-1).masked_fill(done, pad_id)
+        tokens.append(nxt)
+        done |= nxt == eos_id
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+        position = position + 1
+        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=position,
+                    past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
+    return torch.stack(tokens, dim=1) if tokens else torch.empty(batch, 0, dtype=torch.long)
 
 
 @dataclass(frozen=True)
