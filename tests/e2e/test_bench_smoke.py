@@ -22,7 +22,7 @@ def _engine() -> str:
     return "pipeline" if importlib.util.find_spec("model_tailor.api") is not None else "inmemory"
 
 
-def test_bench_smoke(tmp_path):
+def test_bench_smoke(tmp_path, monkeypatch):
     cfg = BenchConfig(
         quick=True, cache_dir=tmp_path / "cache", engine=_engine(), build=BuildConfig.tiny(), eval=EvalConfig.tiny()
     )
@@ -63,6 +63,32 @@ def test_bench_smoke(tmp_path):
     again = run_bench(cfg)
     assert all(r.cached for r in again.rows)
     assert [r.h_score for r in again.rows] == [r.h_score for r in result.rows]
+
+    # mergekit peer rows (full variant, --methods 'mergekit*') on the same cached models, when installed.
+    from model_tailor.bench import methods, peers
+
+    if not peers.is_available():
+        assert data["meta"]["notes"] == ['peers not run: mergekit is not installed (pip install -e ".[peers]")']
+        return
+    assert data["meta"]["notes"] == ["peers not run: the mergekit rows are in the full variant only"]
+    # one row per method keeps this at a few seconds; the merges' maths is checked in tests/unit/test_bench_peers.py
+    monkeypatch.setattr(methods, "PEER_GRID", {"ties": (0.1,), "dare_ties": (0.1,), "task_arithmetic": (0.5,)})
+    full = run_bench(BenchConfig(quick=False, cache_dir=cfg.cache_dir, engine=cfg.engine, build=cfg.build,
+                                 eval=cfg.eval, only=("mergekit*",)))
+    assert [(r.method, r.density, r.cached) for r in full.rows] == [
+        ("pretrained", None, True), ("finetuned", None, True),
+        ("mergekit_ties", 0.1, False), ("mergekit_dare_ties", 0.1, False), ("mergekit_task_arithmetic", None, False)]
+    for r in full.rows[2:]:
+        assert r.params["mergekit"] == peers.mergekit_version() == r.extra["mergekit"]["mergekit"]
+        assert r.seconds > 0 and r.extra["mergekit"]["tensors"] == data["meta"]["build"]["changed_tensors"]
+        assert set(r.original) == {"capital_qa", "captioning"} and set(r.target) == {"easy_vqa"}
+    assert full.meta["notes"] == [
+        f"peers: mergekit_dare_ties, mergekit_task_arithmetic, mergekit_ties run by mergekit "
+        f"{peers.mergekit_version()} on the same pair"]
+    dare = next(r for r in full.rows if r.method == "mergekit_dare_ties")
+    assert dare.params["seed"] == 0 == dare.extra["mergekit"]["seed"]
+    assert full.meta["versions"]["mergekit"] == peers.mergekit_version()
+    assert not any((cfg.cache_dir / "tailorbench" / cfg.build.key() / "peers").iterdir()), "merge folders left"
 
 
 def test_preserve_leak_check_fails_loudly(tmp_path):

@@ -4,7 +4,9 @@ Every method returns ``{name: tensor}`` overrides for the pre-trained model's st
 fine-tune changed), so the runner loads one model and swaps weights per row. Baselines run over the deltas
 of every changed tensor (decoder layers and projector). Model Tailor rows go through ``_tailor_rows``,
 the single place that calls the tailoring engine: the project pipeline (``model_tailor.api.tailor``) by
-default, or the ``inmemory`` engine (kernel + one forward pass of hooks) as a fallback.
+default, or the ``inmemory`` engine (kernel + one forward pass of hooks) as a fallback. Peer rows
+(``mergekit_*``, full variant only, when the optional extra ``peers`` is installed) go through
+``_peer_rows``, which has mergekit merge the same two model folders (``bench.peers``).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
@@ -23,6 +25,7 @@ from tqdm.auto import tqdm
 
 from ..baselines import BASELINES, BaselineParams
 from ..errors import CheckpointError, ConfigError
+from . import peers
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,11 @@ MT_VARIANTS = {  # row name -> tailor() options; ablations at density 0.10 (METH
 # to the shipped generic instructions). Pipeline engine only.
 PRESERVE_METHOD = "model_tailor_preserve"
 TAILOR_METHODS = (*MT_VARIANTS, PRESERVE_METHOD)
+# mergekit peer rows (Issue: "peers side by side"), full variant only and only when mergekit is installed:
+# mergekit method -> the densities (ties, dare_ties) or scales = mergekit weights (task_arithmetic) to run.
+# Each row costs ~2 min of CPU evaluation in the full variant, hence a subset of DENSITIES.
+PEER_GRID: dict[str, tuple[float, ...]] = {"ties": (0.05, 0.10), "dare_ties": (0.05, 0.10), "task_arithmetic": (0.5,)}
+PEER_PREFIX = "mergekit_"  # row name = PEER_PREFIX + mergekit method
 
 
 def preserve_spec(density: float, engine: str, *, structure: str = "sparse", preserve: str = "user",
@@ -53,19 +61,24 @@ def preserve_spec(density: float, engine: str, *, structure: str = "sparse", pre
     return MethodSpec(PRESERVE_METHOD, density, params)
 
 
-def preserve_specs(quick: bool, engine: str) -> list[MethodSpec]:
+def preserve_specs(quick: bool, engine: str, extended: bool = False) -> list[MethodSpec]:
     """Quick: two rows (user data, sparse 0.10 and dense; ``self`` costs ~60 s more of generation, so it is in
-    the full variant only). Full: density sweep, lambda grid at 0.10, the structures, ``self`` and
-    ``salience_from="target"`` at 0.10."""
+    the full variant only). Full: the frontier (sparse 0.05/0.10/0.20/dense, ``lowrank`` 0.05/0.10,
+    ``sparse+lowrank`` 0.10, ``self`` 0.10), which keeps the full variant within an hour on 2 CPU cores.
+    ``extended`` adds the ablations measured once to choose the defaults: sparse 0.01, the lambda grid
+    {0.3, 3} around the default 1, ``sparse+lowrank`` 0.05, ``self`` dense, ``salience_from="target"``."""
     if engine != "pipeline":
         return []  # the in-memory fallback engine has no preserve stream
     if quick:
         return [preserve_spec(0.10, engine), preserve_spec(1.0, engine)]
-    rows = [preserve_spec(d, engine) for d in (0.01, 0.05, 0.10, 0.20, 1.0)]
-    rows += [preserve_spec(0.10, engine, lam=lam) for lam in (0.3, 3.0)]  # with the default 1.0: grid {0.3, 1, 3}
-    rows += [preserve_spec(d, engine, structure=st) for st in ("lowrank", "sparse+lowrank") for d in (0.05, 0.10)]
-    rows += [preserve_spec(d, engine, preserve="self") for d in (0.10, 1.0)]
-    rows += [preserve_spec(0.10, engine, salience_from="target")]
+    rows = [preserve_spec(d, engine) for d in (0.05, 0.10, 0.20, 1.0)]
+    rows += [preserve_spec(d, engine, structure="lowrank") for d in (0.05, 0.10)]
+    rows += [preserve_spec(0.10, engine, structure="sparse+lowrank"), preserve_spec(0.10, engine, preserve="self")]
+    if extended:
+        rows += [preserve_spec(0.01, engine)]
+        rows += [preserve_spec(0.10, engine, lam=lam) for lam in (0.3, 3.0)]
+        rows += [preserve_spec(0.05, engine, structure="sparse+lowrank"), preserve_spec(1.0, engine, preserve="self")]
+        rows += [preserve_spec(0.10, engine, salience_from="target")]
     return rows
 
 
@@ -99,8 +112,32 @@ def select_specs(specs: list[MethodSpec], only: tuple[str, ...]) -> list[MethodS
     return keep
 
 
-def method_specs(quick: bool, engine: str) -> list[MethodSpec]:
-    """The full matrix, or the quick subset (the models are the same; only the row list shrinks)."""
+def is_peer(spec: MethodSpec) -> bool:
+    return spec.method.startswith(PEER_PREFIX)
+
+
+def peer_specs(quick: bool) -> list[MethodSpec]:
+    """The mergekit rows of ``PEER_GRID``; none in the quick variant or when mergekit is not installed.
+
+    Params name the mergekit version (it is part of the row's cache key); ``dare_ties`` rows carry the seed
+    of their random masks, like the project's ``dare`` rows."""
+    if quick or not peers.is_available():
+        return []
+    version = peers.mergekit_version()
+    rows = []
+    for method, values in PEER_GRID.items():
+        for v in values:
+            if method in peers.SPARSE_PEERS:
+                params = {"mergekit": version, **({"seed": 0} if method == "dare_ties" else {})}
+                rows.append(MethodSpec(PEER_PREFIX + method, v, params))
+            else:
+                rows.append(MethodSpec(PEER_PREFIX + method, None, {"mergekit": version, "scale": v}))
+    return rows
+
+
+def method_specs(quick: bool, engine: str, extended: bool = False) -> list[MethodSpec]:
+    """The full matrix, or the quick subset (the models are the same; only the row list shrinks);
+    ``extended`` adds the preserve ablations (:func:`preserve_specs`) to the full matrix."""
     mt = [MethodSpec("model_tailor", d, {**MT_VARIANTS["model_tailor"], "engine": engine}) for d in DENSITIES]
     ablations = [MethodSpec(n, 0.10, {**o, "engine": engine}) for n, o in MT_VARIANTS.items() if n != "model_tailor"]
     sparse = [MethodSpec(m, d, {"seed": 0} if m in ("dare", "random") else {})
@@ -110,7 +147,7 @@ def method_specs(quick: bool, engine: str) -> list[MethodSpec]:
     rows = [MethodSpec("pretrained"), MethodSpec("finetuned")]
     if quick:  # kept small for a cold `make demo` in ~15 min: plain Model Tailor, one baseline, two preserve rows
         return rows + [mt[2], MethodSpec("magnitude", 0.10), *preserve_specs(quick, engine)]
-    return rows + mt + ablations + preserve_specs(quick, engine) + sparse + dense
+    return rows + mt + ablations + preserve_specs(quick, engine, extended) + sparse + dense + peer_specs(quick)
 
 
 def changed_tensors(base: Mapping[str, torch.Tensor], finetuned: Mapping[str, torch.Tensor]) -> list[str]:
@@ -204,6 +241,18 @@ def _tailor_rows(specs: list[MethodSpec], inputs: TailorInputs, base: Mapping[st
         overrides = {n: state[inputs.to_ckpt[n]] for n in names}
         out.append((spec, overrides, seconds, _report_summary(result.report)))
     return out
+
+
+def _peer_rows(specs: list[MethodSpec], base: Path, finetuned: Path, names: list[str], to_ckpt: dict[str, str],
+               work_dir: Path) -> Iterator[tuple[MethodSpec, dict[str, torch.Tensor], float, dict]]:
+    """mergekit peer rows, one at a time: ``(spec, overrides, seconds, extra)``; ``seconds`` is the whole merge
+    (staging the changed tensors, mergekit, reading back) and ``extra["mergekit"]`` says what ran."""
+    for spec in specs:
+        method = spec.method.removeprefix(PEER_PREFIX)
+        weight = spec.params.get("scale", 1.0)
+        result = peers.merge_pair(base, finetuned, method, names=names, to_ckpt=to_ckpt, density=spec.density,
+                                  weight=weight, seed=spec.params.get("seed", 0), work_dir=work_dir)
+        yield spec, result.overrides, result.seconds, {"mergekit": result.info}
 
 
 def _report_summary(report: object) -> dict:

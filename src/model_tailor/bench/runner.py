@@ -1,8 +1,9 @@
 """TailorBench orchestration: build or reuse the models, produce every method row, evaluate, collect rows.
 
 The stage order lives here and only here: assets -> models (cached) -> tasks -> rows (baselines in memory,
-Model Tailor through ``methods._tailor_rows``) -> evaluation (cached per row) -> ``BenchResult``. Quick and
-full runs share the cached models; ``quick`` only shrinks the test subsets and the method list.
+Model Tailor through ``methods._tailor_rows``, then the mergekit peers through ``methods._peer_rows`` when
+mergekit is installed) -> evaluation (cached per row) -> ``BenchResult``. Quick and full runs share the cached
+models; ``quick`` only shrinks the test subsets and the method list.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import platform
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,8 +23,9 @@ import torch
 
 from .. import __version__
 from ..architectures import checkpoint_names
+from ..io.atomic import atomic_write_text
 from ..io.checkpoint import CheckpointReader
-from . import assets
+from . import assets, peers
 from . import methods as M
 from .data import CAPITAL_QUESTION, VQA_SUFFIX, PixelCache, sample, write_preserve
 from .models import BuildConfig, build_models, load_model
@@ -30,7 +33,9 @@ from .tasks import ORIGINAL_TASKS, TARGET_TASKS, EvalConfig, Task, build_tasks, 
 
 log = logging.getLogger(__name__)
 
-RUN_VERSION = 2  # 2: capital tests exclude the preserve hold-out countries (tasks.split_capitals)
+# 2: capital tests exclude the preserve hold-out countries (tasks.split_capitals); 3: prefix-cached greedy
+# decoding in batches of 64, one evaluation per distinct set of weights
+RUN_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,7 @@ class BenchConfig:
     eval: EvalConfig | None = None  # default: quick or full subsets
     reuse_evals: bool = True
     only: tuple[str, ...] = ()  # method-name globs (``--methods``); empty = every row of the variant
+    extended: bool = False  # full variant plus the preserve ablations (``--extended``; methods.preserve_specs)
 
     def eval_config(self) -> EvalConfig:
         return self.eval or (EvalConfig.quick() if self.quick else EvalConfig())
@@ -96,8 +102,21 @@ def finalize(rows: list[Row]) -> list[Row]:
 def _versions() -> dict[str, str]:
     import transformers
 
-    return {"model_tailor": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
+    versions = {"model_tailor": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+                "python": platform.python_version()}
+    if peers.is_available():
+        versions["mergekit"] = peers.mergekit_version()
+    return versions
+
+
+def peer_notes(quick: bool, specs: list[M.MethodSpec]) -> list[str]:
+    """The report's line about the mergekit peer rows (none when they ran or were left out by ``--methods``)."""
+    if not peers.is_available():
+        return [f"peers not run: mergekit is not installed ({peers.INSTALL_HINT})"]
+    if quick:
+        return ["peers not run: the mergekit rows are in the full variant only"]
+    ran = sorted({s.method for s in specs if M.is_peer(s)})
+    return [f"peers: {', '.join(ran)} run by mergekit {peers.mergekit_version()} on the same pair"] if ran else []
 
 
 def _machine(device: str) -> dict:
@@ -112,6 +131,22 @@ def _eval_key(cfg: BenchConfig, spec: M.MethodSpec) -> str:
     blob = json.dumps({"v": RUN_VERSION, "build": cfg.build.key(), "eval": asdict(cfg.eval_config()),
                        "spec": spec.key(), "device": cfg.device}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _weights_key(cfg: BenchConfig, digest: str) -> str:
+    blob = json.dumps({"v": RUN_VERSION, "build": cfg.build.key(), "eval": asdict(cfg.eval_config()),
+                       "weights": digest, "device": cfg.device}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def weights_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes: equal digests mean bit-identical weights."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself, no copy
+    return h.hexdigest()
 
 
 PRESERVE_CAPTIONS = 32  # caption records in the bench's preserve data (plus one capital record per held-out country)
@@ -183,7 +218,7 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
     eval_dir.mkdir(exist_ok=True)
     ecfg = cfg.eval_config()
     tasks = build_tasks(ecfg)
-    specs = M.select_specs(M.method_specs(cfg.quick, cfg.engine), cfg.only)
+    specs = M.select_specs(M.method_specs(cfg.quick, cfg.engine, cfg.extended), cfg.only)
     model, processor = load_model(built.pretrained, cfg.device)
     image_tokens = model.config.image_seq_length
     pixels = PixelCache(processor.image_processor)
@@ -198,26 +233,45 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
         path = eval_dir / f"{_eval_key(cfg, spec)}.json"
         return json.loads(path.read_text()) if cfg.reuse_evals and path.exists() else None
 
+    by_weights: dict[str, dict] = {}  # weights digest -> {"label", "scores", "samples"} of its one evaluation
+
+    def evaluate_weights(spec: M.MethodSpec, overrides: dict[str, torch.Tensor]) -> dict:
+        """Scores of the model with ``overrides``, evaluated once per distinct set of weights (a one-model TIES
+        is magnitude top-k and WiSE-FT at alpha is task arithmetic at that scale, bit for bit)."""
+        digest = weights_digest(overrides)
+        path = eval_dir / f"w-{_weights_key(cfg, digest)}.json"
+        if digest not in by_weights and cfg.reuse_evals and path.exists():
+            by_weights[digest] = json.loads(path.read_text())
+        if digest not in by_weights:
+            model.load_state_dict(overrides, strict=False)
+            result = evaluate(model, processor, tasks, pixels, ecfg, image_tokens, label=spec.label)
+            model.load_state_dict({n: base[n] for n in names}, strict=False)
+            by_weights[digest] = {"label": spec.label, "scores": result.scores, "samples": result.samples}
+            atomic_write_text(path, json.dumps(by_weights[digest]))
+        return by_weights[digest]
+
     def score(spec: M.MethodSpec, overrides: dict[str, torch.Tensor], seconds: float, extra: dict) -> Row:
-        model.load_state_dict(overrides, strict=False)
-        result = evaluate(model, processor, tasks, pixels, ecfg, image_tokens, label=spec.label)
-        model.load_state_dict({n: base[n] for n in names}, strict=False)
-        original = {t: result.scores[t] for t in ORIGINAL_TASKS}
-        target = {t: result.scores[t] for t in TARGET_TASKS}
+        result = evaluate_weights(spec, overrides)
+        if result["label"] != spec.label:
+            extra = {**extra, "same_weights_as": result["label"]}
+        original = {t: result["scores"][t] for t in ORIGINAL_TASKS}
+        target = {t: result["scores"][t] for t in TARGET_TASKS}
         row = Row(spec.method, spec.density, spec.params, original, target,
                   sum(original.values()) / len(original), sum(target.values()) / len(target),
-                  seconds=seconds, extra={**extra, "samples": result.samples})
-        (eval_dir / f"{_eval_key(cfg, spec)}.json").write_text(json.dumps(asdict(row)))
+                  seconds=seconds, extra={**extra, "samples": result["samples"]})
+        atomic_write_text(eval_dir / f"{_eval_key(cfg, spec)}.json", json.dumps(asdict(row)))
         return row
 
     rows: list[Row] = []
-    todo_mt = []
+    todo_mt, todo_peers = [], []
     for spec in M.progress(specs, "tailorbench rows"):
         hit = cached(spec)
         if hit is not None:
             rows.append(Row(**{**hit, "cached": True}))
         elif spec.method in M.TAILOR_METHODS:
             todo_mt.append(spec)
+        elif M.is_peer(spec):
+            todo_peers.append(spec)
         else:
             t0 = time.perf_counter()
             overrides = M.baseline_overrides(spec, base, finetuned, names)
@@ -230,20 +284,25 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
         preserve_user = write_bench_preserve(built.root, cfg.build.seed)
         uses_self = any(s.params.get("preserve") == "self" for s in specs if s.method == M.PRESERVE_METHOD)
         preserve_check = check_preserve_disjoint(preserve_user, tasks, load_instructions() if uses_self else None)
-    if todo_mt:
+    to_ckpt: dict[str, str] = {}
+    if todo_mt or todo_peers:
         with CheckpointReader(built.pretrained) as reader:
             to_ckpt = checkpoint_names(model, names, set(reader.names()))
+    if todo_mt:
         inputs = M.TailorInputs(built.pretrained, built.finetuned, built.calibration, built.tuned_layers,
                                 cfg.build.calibration_samples, cfg.build.seed, cfg.device, built.root / "patches",
                                 to_ckpt, preserve_user, PRESERVE_CAPTIONS + len(split_capitals()[1]), cfg.cache_dir)
         inputs.work_dir.mkdir(exist_ok=True)
         for spec, overrides, seconds, summary in M._tailor_rows(todo_mt, inputs, base, finetuned, names):
             rows.append(score(spec, overrides, seconds, {"tailor": summary}))
+    if todo_peers:  # last: a mergekit failure cannot cost the rows above (each is cached once scored)
+        work_dir = built.root / "peers"
+        for spec, overrides, seconds, extra in M._peer_rows(todo_peers, built.pretrained, built.finetuned, names,
+                                                            to_ckpt, work_dir):
+            rows.append(score(spec, overrides, seconds, extra))
     order = {s.key(): i for i, s in enumerate(specs)}
     rows.sort(key=lambda r: order.get(M.MethodSpec(r.method, r.density, r.params).key(), 1 << 30))
-    # mergekit peer rows (ties, dare_ties, task_arithmetic through mergekit itself) are not implemented yet; say
-    # so in every report rather than only when mergekit happens to be missing.
-    notes = ["peers not run: mergekit peer rows are not implemented yet (the project's own baselines are)"]
+    notes = peer_notes(cfg.quick, specs)
     meta = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": _machine(cfg.device),

@@ -16,6 +16,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="run TailorBench (mini-LLaVA forgetting benchmark) and write a report")
     p.add_argument("--out", required=True, type=Path, help="output folder (results.json, results.md, pareto.png)")
     p.add_argument("--quick", action="store_true", help="fewer test items and methods (same cached models)")
+    p.add_argument("--extended", action="store_true",
+                   help="full variant plus the preserve ablations (lambda grid, salience source, self dense, ...)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--cache-dir", default=None,
                    help="model/data cache (default $MODEL_TAILOR_CACHE or ~/.cache/model-tailor)")
@@ -42,8 +44,11 @@ def run(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    cfg = BenchConfig(quick=args.quick, device=args.device, cache_dir=resolve_cache_dir(args.cache_dir),
-                      engine=args.engine, reuse_evals=not args.no_eval_cache, only=tuple(args.methods))
+    if args.quick and args.extended:
+        raise ConfigError("--extended adds rows to the full variant; drop --quick or --extended")
+    cfg = BenchConfig(quick=args.quick, extended=args.extended, device=args.device,
+                      cache_dir=resolve_cache_dir(args.cache_dir), engine=args.engine,
+                      reuse_evals=not args.no_eval_cache, only=tuple(args.methods))
     result = run_bench(cfg)
     paths = write_outputs(result, args.out)
     print(markdown_table(result))
