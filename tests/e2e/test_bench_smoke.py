@@ -64,6 +64,17 @@ def test_bench_smoke(tmp_path, monkeypatch):
     assert all(r.cached for r in again.rows)
     assert [r.h_score for r in again.rows] == [r.h_score for r in result.rows]
 
+    # One evaluation per distinct set of weights: a one-model TIES is magnitude top-k, bit for bit.
+    dedup = run_bench(BenchConfig(quick=False, cache_dir=cfg.cache_dir, engine=cfg.engine, build=cfg.build,
+                                  eval=cfg.eval, only=("magnitude", "ties")))
+    by_label = {(r.method, r.density): r for r in dedup.rows}
+    for d in (0.01, 0.05, 0.1, 0.2):
+        ties, mag = by_label[("ties", d)], by_label[("magnitude", d)]
+        assert ties.extra["same_weights_as"] == f"magnitude@{d:g}" and "same_weights_as" not in mag.extra
+        assert (ties.original, ties.target) == (mag.original, mag.target)
+    note = "bit-identical weights, evaluated once: ties@0.01 = magnitude@0.01"
+    assert any(n.startswith(note) for n in dedup.meta["notes"])
+
     # mergekit peer rows (full variant, --methods 'mergekit*') on the same cached models, when installed.
     from model_tailor.bench import methods, peers
 
@@ -82,9 +93,13 @@ def test_bench_smoke(tmp_path, monkeypatch):
         assert r.params["mergekit"] == peers.mergekit_version() == r.extra["mergekit"]["mergekit"]
         assert r.seconds > 0 and r.extra["mergekit"]["tensors"] == data["meta"]["build"]["changed_tensors"]
         assert set(r.original) == {"capital_qa", "captioning"} and set(r.target) == {"easy_vqa"}
-    assert full.meta["notes"] == [
-        f"peers: mergekit_dare_ties, mergekit_task_arithmetic, mergekit_ties run by mergekit "
-        f"{peers.mergekit_version()} on the same pair"]
+    assert full.meta["notes"][0] == (f"peers: mergekit_dare_ties, mergekit_task_arithmetic, mergekit_ties run by "
+                                     f"mergekit {peers.mergekit_version()} on the same pair")
+    # with no ties in |delta| at the cut-off, mergekit's TIES is our magnitude top-k: the weights cache (on disk,
+    # across runs) finds the earlier magnitude@0.1 evaluation
+    ties = next(r for r in full.rows if r.method == "mergekit_ties")
+    if "same_weights_as" in ties.extra:
+        assert ties.extra["same_weights_as"] == "magnitude@0.1" and len(full.meta["notes"]) == 2
     dare = next(r for r in full.rows if r.method == "mergekit_dare_ties")
     assert dare.params["seed"] == 0 == dare.extra["mergekit"]["seed"]
     assert full.meta["versions"]["mergekit"] == peers.mergekit_version()

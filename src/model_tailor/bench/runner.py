@@ -303,6 +303,10 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
     order = {s.key(): i for i, s in enumerate(specs)}
     rows.sort(key=lambda r: order.get(M.MethodSpec(r.method, r.density, r.params).key(), 1 << 30))
     notes = peer_notes(cfg.quick, specs)
+    same = [f"{M.MethodSpec(r.method, r.density, r.params).label} = {r.extra['same_weights_as']}"
+            for r in rows if "same_weights_as" in r.extra]
+    if same:
+        notes.append("bit-identical weights, evaluated once: " + "; ".join(same))
     meta = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": _machine(cfg.device),
