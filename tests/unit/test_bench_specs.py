@@ -77,3 +77,15 @@ def test_cli_rejects_quick_with_extended(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--extended" in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_every_engine_gets_each_ablation_own_options():
+    inputs = M.TailorInputs(*(None,) * 9)
+    full = {s.method: s for s in M.method_specs(False, "pipeline") if s.method in M.MT_VARIANTS}
+    assert set(full) == set(M.MT_VARIANTS)
+    fields = {name: M._tailor_fields(spec, inputs) for name, spec in full.items()}
+    assert fields["model_tailor"] == {"alpha": 0.8, "compensation": "obs", "guard": True, "sensitivity": "weight"}
+    assert fields["mt_revert_sensitivity"]["sensitivity"] == "revert"
+    assert fields["mt_official_sign"] == {"alpha": 0.8, "compensation": "official", "guard": False,
+                                          "sensitivity": "weight"}
+    assert fields["mt_salience_only"]["alpha"] == 1.0 and fields["mt_sensitivity_only"]["alpha"] == 0.0

@@ -78,14 +78,15 @@ class InMemoryTailor:
         return cls(hessians, seconds)
 
     def tailor(self, base: Mapping[str, torch.Tensor], finetuned: Mapping[str, torch.Tensor], *, density: float,
-               alpha: float, compensation: str) -> tuple[dict[str, torch.Tensor], dict]:
+               alpha: float, compensation: str, sensitivity: str = "weight", guard: bool = True
+               ) -> tuple[dict[str, torch.Tensor], dict]:
         """Tailored weights of every hooked linear, and a summary (kept entries, reconstruction errors)."""
         out: dict[str, torch.Tensor] = {}
         kept = numel = 0
         err_masked = err_comp = 0.0
         for name in tqdm(sorted(self.hessians), desc=f"tailor {density:g}", unit="linear", leave=False):
             tw = tailor_weight(base[name], finetuned[name], self.hessians[name], density=density, alpha=alpha,
-                               compensation=compensation, name=name)
+                               compensation=compensation, sensitivity=sensitivity, guard=guard, name=name)
             out[name] = tw.weight
             kept += tw.stats.kept
             numel += tw.stats.numel

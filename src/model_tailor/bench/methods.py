@@ -38,6 +38,8 @@ MT_VARIANTS = {  # row name -> tailor() options; ablations at density 0.10 (METH
     # The released code has no guard; with it on, the guard rejects the flipped sign's worse result and the row
     # would silently equal mt_no_compensation (measured on the H100 run of 2026-11-24). So: guard off here.
     "mt_official_sign": {"alpha": 0.8, "compensation": "official", "guard": False},
+    # METHOD D5: rank by the cost of reverting the delta, (W̄ - W_pre)²/U_jj², not of removing the weight (the code)
+    "mt_revert_sensitivity": {"alpha": 0.8, "compensation": "obs", "sensitivity": "revert"},
 }
 # Preserve-aware Model Tailor (Issue 5, PILOT.md dual objective): params {structure, preserve, lambda}; preserve
 # is "user" (the bench-written original-ability JSONL, ``data.write_preserve``) or "self" (base-model answers
@@ -192,7 +194,8 @@ class TailorInputs:
 def _tailor_fields(spec: MethodSpec, inputs: TailorInputs) -> dict:
     """``tailor()`` keyword arguments of one row beyond the common ones."""
     p = spec.params
-    fields = {"alpha": p["alpha"], "compensation": p["compensation"], "guard": p.get("guard", True)}
+    fields = {"alpha": p["alpha"], "compensation": p["compensation"], "guard": p.get("guard", True),
+              "sensitivity": p.get("sensitivity", "weight")}
     if spec.method == PRESERVE_METHOD:
         if p["preserve"] == "user" and inputs.preserve_user is None:
             raise CheckpointError("preserve row without the bench's preserve data")
@@ -220,8 +223,10 @@ def _tailor_rows(specs: list[MethodSpec], inputs: TailorInputs, base: Mapping[st
         engine = InMemoryTailor.collect(inputs)
         for spec in [s for s in specs if s.params.get("engine") == "inmemory"]:
             t0 = time.perf_counter()
-            patched, summary = engine.tailor(base, finetuned, density=spec.density, alpha=spec.params["alpha"],
-                                             compensation=spec.params["compensation"])
+            fields = _tailor_fields(spec, inputs)  # the same options as the pipeline engine gets
+            patched, summary = engine.tailor(base, finetuned, density=spec.density, alpha=fields["alpha"],
+                                             compensation=fields["compensation"],
+                                             sensitivity=fields["sensitivity"], guard=fields["guard"])
             seconds = time.perf_counter() - t0 + engine.seconds
             out.append((spec, {n: patched.get(n, base[n]) for n in names}, seconds, summary))
     for spec in [s for s in specs if s.params.get("engine", "pipeline") == "pipeline"]:

@@ -9,10 +9,10 @@ import json
 from pathlib import Path
 
 from ..io.atomic import atomic_path, atomic_write_text
+from .methods import TAILOR_METHODS
 from .runner import BenchResult, Row
 
-MT_METHODS = ("model_tailor", "mt_salience_only", "mt_sensitivity_only", "mt_no_compensation", "mt_official_sign",
-              "model_tailor_preserve")
+MT_METHODS = TAILOR_METHODS  # every Model Tailor row (ablations included) is drawn in Model Tailor's style
 HIGHLIGHT = {"model_tailor": "crimson", "model_tailor_preserve": "darkgreen"}
 
 
