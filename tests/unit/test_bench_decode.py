@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model_tailor.bench.data import Example, PixelCache, collate_generate, prompt_ids, shared_prefix
-from model_tailor.bench.tasks import generate
+from model_tailor.bench.tasks import cache_name, generate
 
 
 def test_shared_prefix_stops_before_the_stop_token_and_leaves_one_token():
@@ -21,6 +21,16 @@ def test_collate_generate_pads_between_prefix_and_suffix_with_contiguous_positio
     assert batch["input_ids"].tolist() == [[1, 2, 3], [0, 0, 4]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 1]]
     assert batch["position_ids"].tolist() == [[2, 3, 4], [1, 1, 2]]  # the pads' positions are never attended to
+
+
+def test_cache_name_follows_the_forward_signature():
+    class Old(torch.nn.Module):  # transformers < 5.24
+        def forward(self, input_ids, past_key_values=None, use_cache=None): ...
+
+    class New(torch.nn.Module):  # transformers >= 5.24
+        def forward(self, input_ids, cache=None, use_cache=None): ...
+
+    assert cache_name(Old()) == "past_key_values" and cache_name(New()) == "cache"
 
 
 def _oracle(model, tok, rows, pixel_values, max_new_tokens):

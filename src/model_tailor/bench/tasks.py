@@ -14,6 +14,7 @@ characters replaced by one space, trimmed. Scoring:
 
 from __future__ import annotations
 
+import inspect
 import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -142,19 +143,26 @@ def generate(model, processor, examples: Sequence[Example], pixels: PixelCache, 
     return answers
 
 
+def cache_name(model) -> str:
+    """Name of the KV cache in ``model``'s forward and outputs: transformers 5.24 renamed ``past_key_values`` to
+    ``cache`` and removes the old name in 5.40; the pinned range ``<6`` spans both."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def _greedy(model, inputs: dict[str, torch.Tensor], prefix: list[int], max_new_tokens: int, eos_id: int,
             pad_id: int) -> torch.Tensor:
     """Greedy tokens ``(batch, <= max_new_tokens)`` after the shared ``prefix`` and the batch's suffixes;
     rows that have emitted EOS continue with padding."""
     ids, mask, positions = inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"]
     batch = ids.shape[0]
+    key = cache_name(model)
     cache = None
     if prefix:
-        cache = model(input_ids=torch.tensor([prefix], device=ids.device), use_cache=True).past_key_values
+        cache = getattr(model(input_ids=torch.tensor([prefix], device=ids.device), use_cache=True), key)
         cache.batch_repeat_interleave(batch)
     extra = {"pixel_values": inputs["pixel_values"]} if "pixel_values" in inputs else {}
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
-                logits_to_keep=1, **extra)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+                **{key: cache}, **extra)
     done = torch.zeros(batch, dtype=torch.bool, device=ids.device)
     position = positions[:, -1:]
     tokens = []
@@ -166,8 +174,8 @@ def _greedy(model, inputs: dict[str, torch.Tensor], prefix: list[int], max_new_t
             break
         mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
         position = position + 1
-        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=position,
-                    past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=position, use_cache=True,
+                    logits_to_keep=1, **{key: getattr(out, key)})
     return torch.stack(tokens, dim=1) if tokens else torch.empty(batch, 0, dtype=torch.long)
 
 

@@ -49,9 +49,11 @@ def _to(obj: Any, device: torch.device, dtype: torch.dtype | None) -> Any:
 
 
 def _no_cache(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A block call's keyword arguments without any KV cache (its name varies across models and transformers
+    versions: ``cache`` from 5.24), so replaying it neither reads nor grows one."""
     out = dict(kwargs)
-    for key in ("past_key_values", "past_key_value", "layer_past", "cache_position"):
-        if key in out and key != "cache_position":
+    for key in ("cache", "past_key_values", "past_key_value", "layer_past"):
+        if key in out:
             out[key] = None
     if "use_cache" in out:
         out["use_cache"] = False
