@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import sys
 
 import pytest
@@ -89,3 +90,10 @@ def test_every_engine_gets_each_ablation_own_options():
     assert fields["mt_official_sign"] == {"alpha": 0.8, "compensation": "official", "guard": False,
                                           "sensitivity": "weight"}
     assert fields["mt_salience_only"]["alpha"] == 1.0 and fields["mt_sensitivity_only"]["alpha"] == 0.0
+    # the in-memory engine takes every one of those options by name (it gets them as ``**fields``)
+    from model_tailor.bench.inmemory import InMemoryTailor
+
+    sig = inspect.signature(InMemoryTailor.tailor)
+    for spec in M.method_specs(False, "inmemory"):
+        if spec.params.get("engine") == "inmemory":
+            sig.bind(None, {}, {}, density=spec.density, **M._tailor_fields(spec, inputs))

@@ -223,10 +223,8 @@ def _tailor_rows(specs: list[MethodSpec], inputs: TailorInputs, base: Mapping[st
         engine = InMemoryTailor.collect(inputs)
         for spec in [s for s in specs if s.params.get("engine") == "inmemory"]:
             t0 = time.perf_counter()
-            fields = _tailor_fields(spec, inputs)  # the same options as the pipeline engine gets
-            patched, summary = engine.tailor(base, finetuned, density=spec.density, alpha=fields["alpha"],
-                                             compensation=fields["compensation"],
-                                             sensitivity=fields["sensitivity"], guard=fields["guard"])
+            # the same options as the pipeline engine gets; one it does not take fails loudly here
+            patched, summary = engine.tailor(base, finetuned, density=spec.density, **_tailor_fields(spec, inputs))
             seconds = time.perf_counter() - t0 + engine.seconds
             out.append((spec, {n: patched.get(n, base[n]) for n in names}, seconds, summary))
     for spec in [s for s in specs if s.params.get("engine", "pipeline") == "pipeline"]:
