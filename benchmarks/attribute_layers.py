@@ -23,14 +23,14 @@ from pathlib import Path
 
 import torch
 
-from model_tailor.architectures import checkpoint_names
 from model_tailor.bench.assets import resolve_cache_dir
 from model_tailor.bench.data import PixelCache
 from model_tailor.bench.models import BuildConfig, build_models, load_model
 from model_tailor.bench.runner import harmonic
 from model_tailor.bench.tasks import ORIGINAL_TASKS, TARGET_TASKS, EvalConfig, build_tasks, evaluate
 from model_tailor.io.checkpoint import CheckpointReader
-from model_tailor.io.patch_file import load_patch
+from model_tailor.patch.format import load_patch
+from model_tailor.pipeline.architectures import checkpoint_names
 
 LAYER = re.compile(r"\.layers\.(\d+)\.")
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -81,8 +81,11 @@ def main() -> None:
         model.load_state_dict(overrides, strict=False)
         result = evaluate(model, processor, tasks, pixels, ecfg, model.config.image_seq_length, label=label)
         model.load_state_dict({n: base[n] for n in names}, strict=False)
-        return {"original": sum(result.scores[t] for t in ORIGINAL_TASKS) / len(ORIGINAL_TASKS),
-                "target": sum(result.scores[t] for t in TARGET_TASKS) / len(TARGET_TASKS), "scores": result.scores}
+        return {
+            "original": sum(result.scores[t] for t in ORIGINAL_TASKS) / len(ORIGINAL_TASKS),
+            "target": sum(result.scores[t] for t in TARGET_TASKS) / len(TARGET_TASKS),
+            "scores": result.scores,
+        }
 
     pre = score({n: base[n] for n in names}, "pretrained")
     ft = score({n: finetuned[n] for n in names}, "finetuned")
@@ -93,20 +96,43 @@ def main() -> None:
             retention, ratio = r["original"] / pre["original"], r["target"] / ft["target"]
             energy = sum(d.pow(2).sum().item() for d in delta.values())
             share = sum(delta[n].pow(2).sum().item() for n in covered) / energy
-            rows.append({"delta": source, "slice": label, "tensors": len(covered), "delta_energy_share": share,
-                         "retention": retention, "target_ratio": ratio, "h": harmonic(retention, ratio), **r})
-            print(f"{source:8s} {label:30s} energy {share:.3f}  retention {retention:.3f}  target {ratio:.3f}",
-                  flush=True)
-    meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.platform(),
-            "cpu_threads": torch.get_num_threads(), "device": args.device, "eval": ecfg.__dict__,
-            "patch": None if args.patch is None else str(args.patch), "build_key": BuildConfig().key(),
-            "anchors": {"pretrained": pre, "finetuned": ft}, "seconds": time.perf_counter() - t_start}
+            rows.append(
+                {
+                    "delta": source,
+                    "slice": label,
+                    "tensors": len(covered),
+                    "delta_energy_share": share,
+                    "retention": retention,
+                    "target_ratio": ratio,
+                    "h": harmonic(retention, ratio),
+                    **r,
+                }
+            )
+            print(
+                f"{source:8s} {label:30s} energy {share:.3f}  retention {retention:.3f}  target {ratio:.3f}", flush=True
+            )
+    meta = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": platform.platform(),
+        "cpu_threads": torch.get_num_threads(),
+        "device": args.device,
+        "eval": ecfg.__dict__,
+        "patch": None if args.patch is None else str(args.patch),
+        "build_key": BuildConfig().key(),
+        "anchors": {"pretrained": pre, "finetuned": ft},
+        "seconds": time.perf_counter() - t_start,
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "attribution.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    lines = ["| delta | slice | tensors | share of ‖delta‖² | retention | target ratio | H |",
-             "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['delta']} | {r['slice']} | {r['tensors']} | {r['delta_energy_share']:.3f} "
-              f"| {r['retention']:.3f} | {r['target_ratio']:.3f} | {r['h']:.3f} |" for r in rows]
+    lines = [
+        "| delta | slice | tensors | share of ‖delta‖² | retention | target ratio | H |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['delta']} | {r['slice']} | {r['tensors']} | {r['delta_energy_share']:.3f} "
+        f"| {r['retention']:.3f} | {r['target_ratio']:.3f} | {r['h']:.3f} |"
+        for r in rows
+    ]
     (args.out / "attribution.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

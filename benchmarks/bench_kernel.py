@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from model_tailor.kernel import tailor_weight
+from model_tailor.kernel.tailor import tailor_weight
 
 
 def build_inputs(size: int, tokens: int, device: torch.device, seed: int):

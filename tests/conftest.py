@@ -48,9 +48,7 @@ def build_tokenizer(extra_special: tuple[str, ...] = ()):
     specials = ["<pad>", "<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>", *extra_special]
     vocab = {tok: i for i, tok in enumerate([*specials, *WORDS, "?", ".", ","])}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
-    )
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
     )
@@ -123,7 +121,6 @@ def _save_pair(root: Path, arch: str, build, ft_patterns: tuple[str, ...], save_
     return PicoPair(arch, base, ft, _write_calibration(root, records), type(model))
 
 
-
 def _pico_llama_config(tok, **overrides):
     """The pico language model every fixture shares: hidden 32, 2 layers, 4 heads (``overrides`` adjust it)."""
     from transformers import LlamaConfig
@@ -138,6 +135,7 @@ def _pico_llama_config(tok, **overrides):
         pad_token_id=tok.pad_token_id,
     )
     return LlamaConfig(**{**fields, **overrides})
+
 
 def make_llama(root: Path) -> PicoPair:
     from transformers import LlamaForCausalLM
@@ -176,9 +174,7 @@ def make_llava(root: Path) -> PicoPair:
         projection_dim=16,
     )
     text = _pico_llama_config(tok, num_key_value_heads=4)
-    cfg = LlavaConfig(
-        vision_config=vision, text_config=text, image_token_id=image_id, vision_feature_layer=-1
-    )
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_id, vision_feature_layer=-1)
     ip = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
     proc = LlavaProcessor(
         image_processor=ip,
@@ -313,9 +309,7 @@ def make_instructblip(root: Path) -> PicoPair:
     )
     ip = BlipImageProcessor(size={"height": 16, "width": 16})
     tok.chat_template = _template("")
-    proc = InstructBlipProcessor(
-        image_processor=ip, tokenizer=tok, qformer_tokenizer=qtok, num_query_tokens=4
-    )
+    proc = InstructBlipProcessor(image_processor=ip, tokenizer=tok, qformer_tokenizer=qtok, num_query_tokens=4)
     images = _images(root, 2, 20)
     return _save_pair(
         root,
@@ -401,9 +395,7 @@ def make_gpt2(root: Path) -> PicoPair:
     cfg = GPT2Config(
         vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=128, pad_token_id=tok.pad_token_id
     )
-    return _save_pair(
-        root, "gpt2", lambda: GPT2LMHeadModel(cfg), ("h.1.", "ln_f"), tok.save_pretrained, _records(None)
-    )
+    return _save_pair(root, "gpt2", lambda: GPT2LMHeadModel(cfg), ("h.1.", "ln_f"), tok.save_pretrained, _records(None))
 
 
 FACTORIES = {
@@ -464,7 +456,7 @@ def tailor_and_check(pico, tmp_path_factory):
 
     def run(arch: str, **fields) -> TailorCheck:
         from model_tailor.api import tailor
-        from model_tailor.io.patch_file import load_patch
+        from model_tailor.patch.format import load_patch
 
         pair = pico(arch)
         root = tmp_path_factory.mktemp(f"out-{arch}")
@@ -496,9 +488,7 @@ def tailor_and_check(pico, tmp_path_factory):
                 assert torch.equal(base[name], ft[name]), f"{name} changed but neither target nor non-target"
             assert torch.equal(saved[name], expect[name]), name
         language = [
-            layer
-            for layer in report["layers"]
-            if "language" in layer["block"] or "model.layers" in layer["block"]
+            layer for layer in report["layers"] if "language" in layer["block"] or "model.layers" in layer["block"]
         ]
         for layer in language:
             assert layer["n_tokens"] == report["calibration"]["n_tokens"], layer["block"]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .config import TailorConfig
-from .pipeline import TailorResult, plan_tailor, run_tailor
-from .report import TailorPlan
+from model_tailor.config import TailorConfig
+from model_tailor.pipeline.report import TailorPlan
+from model_tailor.pipeline.run import TailorResult, plan_tailor, run_tailor
 
 __all__ = ["plan", "tailor"]
 

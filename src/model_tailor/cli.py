@@ -12,8 +12,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from . import __version__
-from .errors import ModelTailorError
+from model_tailor import __version__
+from model_tailor.errors import ModelTailorError
 
 COMMANDS = ("tailor", "apply", "remove", "combine", "inspect", "baseline", "bench", "list")
 

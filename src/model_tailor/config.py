@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError
+from model_tailor.errors import ConfigError
 
 __all__ = ["TailorConfig", "format_validation_error"]
 
@@ -150,9 +150,7 @@ class TailorConfig(BaseModel):
         except OSError as err:
             raise ConfigError(f"config file {str(file)!r} cannot be read ({err.strerror})") from None
         except yaml.YAMLError as err:
-            raise ConfigError(
-                f"config file {str(file)!r} is not valid YAML ({' '.join(str(err).split())})"
-            ) from None
+            raise ConfigError(f"config file {str(file)!r} is not valid YAML ({' '.join(str(err).split())})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {str(file)!r} must hold a mapping of option: value")
         data = {str(k).replace("-", "_"): v for k, v in data.items()}

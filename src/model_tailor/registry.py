@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from .errors import ConfigError
+from model_tailor.errors import ConfigError
 
 T = TypeVar("T")
 

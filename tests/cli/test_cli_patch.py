@@ -12,10 +12,10 @@ import torch
 from safetensors.torch import save_file
 
 from model_tailor.cli import main
-from model_tailor.fingerprint import fingerprint
 from model_tailor.io.checkpoint import CheckpointReader
-from model_tailor.io.patch_file import save_patch
-from model_tailor.patch import PatchMetadata, SparsePatch, TensorPatch
+from model_tailor.patch.fingerprint import fingerprint
+from model_tailor.patch.format import save_patch
+from model_tailor.patch.model import PatchMetadata, SparsePatch, TensorPatch
 
 NAME = "model.layers.0.mlp.up_proj.weight"
 
@@ -89,9 +89,7 @@ def test_apply_error_paths(env, capsys):
     future = tmp / "v9.safetensors"
     future.write_bytes(p1.read_bytes().replace(b'"format_version":"1"', b'"format_version":"9"'))
     assert "format version 9 is not supported" in _fails(capsys, [*base, str(future)], out)
-    assert "unknown combine policy" in _fails(
-        capsys, [*base, str(p1), str(p2), "--policy", "avg"], out, code=2
-    )
+    assert "unknown combine policy" in _fails(capsys, [*base, str(p1), str(p2), "--policy", "avg"], out, code=2)
     assert "one weight per patch" in _fails(capsys, [*base, str(p1), str(p2), "--weights", "1"], out, code=2)
     missing_base = ["apply", "--base", str(tmp / "nobase"), "--out", str(out), "--patch", str(p1)]
     assert "does not exist" in _fails(capsys, missing_base, out)
@@ -125,9 +123,7 @@ def test_output_exists_is_refused(env, capsys):
 def test_remove_error_paths(env, capsys):
     tmp, p1, _ = env
     out = tmp / "back"
-    _fails(
-        capsys, ["remove", "--model", str(tmp / "base"), "--patch", str(tmp / "nope"), "--out", str(out)], out
-    )
+    _fails(capsys, ["remove", "--model", str(tmp / "base"), "--patch", str(tmp / "nope"), "--out", str(out)], out)
     wrong = tmp / "wrong"
     wrong.mkdir()
     save_file({NAME: torch.zeros(4, 3)}, str(wrong / "model.safetensors"))  # fp32, no norm: another model
@@ -154,12 +150,7 @@ def test_inspect(env, capsys):
     tmp, p1, _ = env
     assert main(["inspect", str(p1)]) == 0
     text = capsys.readouterr().out
-    assert (
-        "model-tailor-patch v1" in text
-        and NAME in text
-        and "model.layers.0" in text
-        and "dense delta" in text
-    )
+    assert "model-tailor-patch v1" in text and NAME in text and "model.layers.0" in text and "dense delta" in text
     assert main(["inspect", str(p1), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["format_version"] == "1" and info["summary"]["per_tensor"][NAME]["numel"] == 12

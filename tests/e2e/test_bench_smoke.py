@@ -65,8 +65,16 @@ def test_bench_smoke(tmp_path, monkeypatch):
     assert [r.h_score for r in again.rows] == [r.h_score for r in result.rows]
 
     # One evaluation per distinct set of weights: a one-model TIES is magnitude top-k, bit for bit.
-    dedup = run_bench(BenchConfig(quick=False, cache_dir=cfg.cache_dir, engine=cfg.engine, build=cfg.build,
-                                  eval=cfg.eval, only=("magnitude", "ties")))
+    dedup = run_bench(
+        BenchConfig(
+            quick=False,
+            cache_dir=cfg.cache_dir,
+            engine=cfg.engine,
+            build=cfg.build,
+            eval=cfg.eval,
+            only=("magnitude", "ties"),
+        )
+    )
     by_label = {(r.method, r.density): r for r in dedup.rows}
     for d in (0.01, 0.05, 0.1, 0.2):
         ties, mag = by_label[("ties", d)], by_label[("magnitude", d)]
@@ -84,17 +92,26 @@ def test_bench_smoke(tmp_path, monkeypatch):
     assert data["meta"]["notes"] == ["peers not run: the mergekit rows are in the full variant only"]
     # one row per method keeps this at a few seconds; the merges' maths is checked in tests/unit/test_bench_peers.py
     monkeypatch.setattr(methods, "PEER_GRID", {"ties": (0.1,), "dare_ties": (0.1,), "task_arithmetic": (0.5,)})
-    full = run_bench(BenchConfig(quick=False, cache_dir=cfg.cache_dir, engine=cfg.engine, build=cfg.build,
-                                 eval=cfg.eval, only=("mergekit*",)))
+    full = run_bench(
+        BenchConfig(
+            quick=False, cache_dir=cfg.cache_dir, engine=cfg.engine, build=cfg.build, eval=cfg.eval, only=("mergekit*",)
+        )
+    )
     assert [(r.method, r.density, r.cached) for r in full.rows] == [
-        ("pretrained", None, True), ("finetuned", None, True),
-        ("mergekit_ties", 0.1, False), ("mergekit_dare_ties", 0.1, False), ("mergekit_task_arithmetic", None, False)]
+        ("pretrained", None, True),
+        ("finetuned", None, True),
+        ("mergekit_ties", 0.1, False),
+        ("mergekit_dare_ties", 0.1, False),
+        ("mergekit_task_arithmetic", None, False),
+    ]
     for r in full.rows[2:]:
         assert r.params["mergekit"] == peers.mergekit_version() == r.extra["mergekit"]["mergekit"]
         assert r.seconds > 0 and r.extra["mergekit"]["tensors"] == data["meta"]["build"]["changed_tensors"]
         assert set(r.original) == {"capital_qa", "captioning"} and set(r.target) == {"easy_vqa"}
-    assert full.meta["notes"][0] == (f"peers: mergekit_dare_ties, mergekit_task_arithmetic, mergekit_ties run by "
-                                     f"mergekit {peers.mergekit_version()} on the same pair")
+    assert full.meta["notes"][0] == (
+        f"peers: mergekit_dare_ties, mergekit_task_arithmetic, mergekit_ties run by "
+        f"mergekit {peers.mergekit_version()} on the same pair"
+    )
     # with no ties in |delta| at the cut-off, mergekit's TIES is our magnitude top-k: the weights cache (on disk,
     # across runs) finds the earlier magnitude@0.1 evaluation
     ties = next(r for r in full.rows if r.method == "mergekit_ties")
@@ -117,8 +134,11 @@ def test_preserve_leak_check_fails_loudly(tmp_path):
     test_country = split_capitals()[0][0]
     leaks = {
         "capital": {"prompt": f"What is the capital of {test_country.country}?", "response": test_country.capital},
-        "image": {"prompt": "Describe the image in a few words.", "response": "A red circle.",
-                  "image": str(assets.load_vqa("test")[0].image)},
+        "image": {
+            "prompt": "Describe the image in a few words.",
+            "response": "A red circle.",
+            "image": str(assets.load_vqa("test")[0].image),
+        },
     }
     for rec in leaks.values():
         bad = path.parent / "bad.jsonl"

@@ -19,9 +19,7 @@ def test_instructblip_bfloat16_forward_and_global_granularity(pico):
     from model_tailor.api import tailor
 
     pair = pico("instructblip")
-    res = tailor(
-        pair.base, pair.finetuned, pair.calibration, dtype="bfloat16", granularity="global", density=0.25
-    )
+    res = tailor(pair.base, pair.finetuned, pair.calibration, dtype="bfloat16", granularity="global", density=0.25)
     targets = {t["name"] for t in res.report.plan.targets}
     kept = sum(tp.nnz for name, tp in res.patch.tensors.items() if name in targets)
     assert kept == res.report.numel // 4

@@ -78,8 +78,8 @@ def test_llama_data_free_and_tailor_policy(pico, tmp_path):
 
 def test_llama_resume(pico, tmp_path, monkeypatch):
     """An interrupted run restarts from the last finished block (checkpoint per block), then cleans up."""
-    from model_tailor import pipeline
     from model_tailor.api import tailor
+    from model_tailor.pipeline import run as pipeline
 
     pair = pico("llama")
     out = tmp_path / "p.safetensors"

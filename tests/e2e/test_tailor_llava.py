@@ -13,9 +13,7 @@ def test_llava(tailor_and_check):
     }
     # checkpoint names are the legacy layout transformers 5 writes; targets use them
     assert all(t["name"].startswith("language_model.model.layers.") for t in report.plan.targets)
-    projector = {
-        n["name"]: n["action"] for n in report.plan.non_targets if "multi_modal_projector" in n["name"]
-    }
+    projector = {n["name"]: n["action"] for n in report.plan.non_targets if "multi_modal_projector" in n["name"]}
     assert projector and set(projector.values()) == {"reset"}
     assert check.result.report.calibration["n_tokens"] > 0
 

@@ -10,7 +10,7 @@ import torch
 
 from model_tailor.api import tailor
 from model_tailor.cli import main
-from model_tailor.io.patch_file import load_patch
+from model_tailor.patch.format import load_patch
 
 # Original-ability records in the fixtures' vocabulary, on other topics than the calibration records.
 PRESERVE = [

@@ -8,10 +8,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model_tailor.compensation import obs_sweep
-from model_tailor.hessian import factor_hessian
-from model_tailor.kernel import tailor_weight
-from model_tailor.masking import select_keep_mask
+from model_tailor.kernel.compensation import obs_sweep
+from model_tailor.kernel.hessian import factor_hessian
+from model_tailor.kernel.masking import select_keep_mask
+from model_tailor.kernel.tailor import tailor_weight
 
 FAST = settings(max_examples=30, deadline=None)
 
@@ -89,9 +89,7 @@ def test_weights_for_a_fixed_mask_invariant_to_any_scale_of_h(shape, seed, scale
     base, ft, H = _problem(rows, cols, seed, tokens=2 * cols + 1)
     keep = _scores(shape, seed + 1, 0) < 0.4
     a = tailor_weight(base, ft, H, keep_mask=keep, compensation=compensation, guard=False, block_size=4)
-    b = tailor_weight(
-        base, ft, scale * H, keep_mask=keep, compensation=compensation, guard=False, block_size=4
-    )
+    b = tailor_weight(base, ft, scale * H, keep_mask=keep, compensation=compensation, guard=False, block_size=4)
     torch.testing.assert_close(a.weight, b.weight, rtol=1e-8, atol=1e-10)
 
 

@@ -8,13 +8,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from model_tailor.apply import PROVENANCE_NAME, apply_patches, remove_patches
-from model_tailor.combine import combine_patches
 from model_tailor.errors import CheckpointError, ConfigError, PatchFormatError
-from model_tailor.fingerprint import fingerprint
 from model_tailor.io.checkpoint import CheckpointReader
-from model_tailor.io.patch_file import load_patch, save_patch
-from model_tailor.patch import PatchMetadata, SparsePatch, TensorPatch, dtype_name
+from model_tailor.patch.apply import PROVENANCE_NAME, apply_patches, remove_patches
+from model_tailor.patch.combine import combine_patches
+from model_tailor.patch.fingerprint import fingerprint
+from model_tailor.patch.format import load_patch, save_patch
+from model_tailor.patch.model import PatchMetadata, SparsePatch, TensorPatch, dtype_name
 
 TARGETS = ["model.layers.0.mlp.up_proj.weight", "model.layers.1.mlp.up_proj.weight"]
 
@@ -38,9 +38,7 @@ def _write_sharded(folder, tensors, *, shards=2):
         part = {n: tensors[n] for n in names[i::shards]}
         save_file(part, str(folder / shard))
         weight_map.update(dict.fromkeys(part, shard))
-    (folder / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {}, "weight_map": weight_map})
-    )
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     (folder / "config.json").write_text('{"model_type": "llama"}')
     (folder / "tokenizer.json").write_text("{}")
     return folder

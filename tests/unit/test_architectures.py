@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from model_tailor.architectures import (
+from model_tailor.errors import CheckpointError
+from model_tailor.pipeline.architectures import (
     build_skeleton,
     checkpoint_names,
     discover_layout,
@@ -15,7 +16,6 @@ from model_tailor.architectures import (
     linear_modules,
     role_of,
 )
-from model_tailor.errors import CheckpointError
 
 
 @pytest.mark.parametrize(

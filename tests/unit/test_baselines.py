@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model_tailor.baselines import (
+from model_tailor.errors import ConfigError
+from model_tailor.kernel.baselines import (
     BASELINES,
     BaselineParams,
     dare,
@@ -15,7 +16,6 @@ from model_tailor.baselines import (
     ties,
     wise_ft,
 )
-from model_tailor.errors import ConfigError
 
 T = torch.tensor
 D = T([[0.5, -2.0, 1.0], [3.0, -0.1, 0.0]])

@@ -38,8 +38,16 @@ def _oracle(model, tok, rows, pixel_values, max_new_tokens):
     ids = torch.tensor([[tok.pad_token_id] * (width - len(r)) + r for r in rows])
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
     extra = {} if pixel_values is None else {"pixel_values": pixel_values}
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                         num_beams=1, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **extra)
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        **extra,
+    )
     return tok.batch_decode(out[:, width:], skip_special_tokens=True)
 
 
@@ -51,14 +59,20 @@ def test_generate_equals_hf_generate(pico, with_image):
     model = LlavaForConditionalGeneration.from_pretrained(pair.finetuned).eval()
     processor = AutoProcessor.from_pretrained(pair.finetuned)
     image = pair.calibration.parent / "img0.png" if with_image else None
-    questions = ["what color is the car ?", "who is there ?", "describe this big red house and the small tree",
-                 "is the dog small ?", "where is the cat ?"]
+    questions = [
+        "what color is the car ?",
+        "who is there ?",
+        "describe this big red house and the small tree",
+        "is the dog small ?",
+        "where is the cat ?",
+    ]
     examples = [Example(q, image) for q in questions]
     vision = model.config.vision_config
     tokens = (vision.image_size // vision.patch_size) ** 2  # features per image ("default": CLS dropped)
     pixels = PixelCache(processor.image_processor)
-    ours = generate(model, processor, examples, pixels, max_new_tokens=6, batch_size=3, image_tokens=tokens,
-                    desc="test")
+    ours = generate(
+        model, processor, examples, pixels, max_new_tokens=6, batch_size=3, image_tokens=tokens, desc="test"
+    )
     rows = prompt_ids(processor.tokenizer, examples, tokens)
     assert shared_prefix(rows, model.config.image_token_id) > 0  # the cached-prefix path is what is tested
     oracle = []
@@ -70,8 +84,8 @@ def test_generate_equals_hf_generate(pico, with_image):
 
 
 def test_weights_digest_is_equal_exactly_for_bit_identical_weights():
-    from model_tailor.baselines import magnitude_topk, task_arithmetic, ties, wise_ft
     from model_tailor.bench.runner import weights_digest
+    from model_tailor.kernel.baselines import magnitude_topk, task_arithmetic, ties, wise_ft
 
     g = torch.Generator().manual_seed(0)
     base, delta = torch.randn(8, 6, generator=g), torch.randn(8, 6, generator=g)

@@ -12,11 +12,11 @@ import torch
 
 pytest.importorskip("mergekit")
 
-from model_tailor.architectures import checkpoint_names  # noqa: E402
-from model_tailor.baselines import keep_count  # noqa: E402
-from model_tailor.bench import peers  # noqa: E402
-from model_tailor.bench.methods import MethodSpec, baseline_overrides, changed_tensors  # noqa: E402
-from model_tailor.io.checkpoint import CheckpointReader  # noqa: E402
+from model_tailor.bench import peers
+from model_tailor.bench.methods import MethodSpec, baseline_overrides, changed_tensors
+from model_tailor.io.checkpoint import CheckpointReader
+from model_tailor.kernel.baselines import keep_count
+from model_tailor.pipeline.architectures import checkpoint_names
 
 
 class Pair:
@@ -36,8 +36,9 @@ class Pair:
     def merge(self, method: str, **kw) -> peers.PeerMerge:
         key = (method, tuple(sorted(kw.items())))
         if key not in self._cache:
-            self._cache[key] = peers.merge_pair(self.base_dir, self.ft_dir, method, names=self.names,
-                                                to_ckpt=self.to_ckpt, work_dir=self.work, **kw)
+            self._cache[key] = peers.merge_pair(
+                self.base_dir, self.ft_dir, method, names=self.names, to_ckpt=self.to_ckpt, work_dir=self.work, **kw
+            )
         return self._cache[key]
 
     def delta(self, n: str) -> torch.Tensor:
@@ -63,9 +64,14 @@ def test_unstaged_llava_checkpoint_loses_the_language_model(pair, tmp_path):
     from mergekit.config import MergeConfiguration
     from mergekit.merge import MergeOptions, run_merge
 
-    cfg = MergeConfiguration.model_validate({
-        "merge_method": "task_arithmetic", "base_model": str(pair.base_dir), "dtype": "float32",
-        "models": [{"model": str(pair.ft_dir), "parameters": {"weight": 0.5}}]})
+    cfg = MergeConfiguration.model_validate(
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": str(pair.base_dir),
+            "dtype": "float32",
+            "models": [{"model": str(pair.ft_dir), "parameters": {"weight": 0.5}}],
+        }
+    )
     with torch.random.fork_rng(devices=[]):
         run_merge(cfg, str(tmp_path / "out"), MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True))
     with CheckpointReader(tmp_path / "out") as reader:
@@ -129,8 +135,16 @@ def test_dare_ties_is_bernoulli_mask_rescaled_to_l1_and_seeded(pair):
     torch.manual_seed(123)
     expected_next = torch.rand(4)
     torch.manual_seed(123)
-    merged = peers.merge_pair(pair.base_dir, pair.ft_dir, "dare_ties", names=pair.names, to_ckpt=pair.to_ckpt,
-                              density=d, seed=0, work_dir=pair.work)
+    merged = peers.merge_pair(
+        pair.base_dir,
+        pair.ft_dir,
+        "dare_ties",
+        names=pair.names,
+        to_ckpt=pair.to_ckpt,
+        density=d,
+        seed=0,
+        work_dir=pair.work,
+    )
     assert torch.equal(torch.rand(4), expected_next), "the caller's torch RNG must be restored"
     again = pair.merge("dare_ties", density=d, seed=0)
     other = pair.merge("dare_ties", density=d, seed=1)
@@ -165,6 +179,7 @@ def test_merge_pair_rejects_bad_arguments(pair):
     with pytest.raises(ConfigError):
         pair.merge("task_arithmetic", density=0.1)
     with pytest.raises(CheckpointError):
-        peers.merge_pair(pair.base_dir, pair.ft_dir, "ties", names=pair.names, to_ckpt={}, density=0.1,
-                         work_dir=pair.work)
+        peers.merge_pair(
+            pair.base_dir, pair.ft_dir, "ties", names=pair.names, to_ckpt={}, density=0.1, work_dir=pair.work
+        )
     assert not any(pair.work.iterdir()), "temporary merge folders left behind"

@@ -50,19 +50,37 @@ def test_with_mergekit_full_variant_lists_the_peer_grid(monkeypatch):
 
 
 def _preserve_rows(specs):
-    return {(s.density, s.params["structure"], s.params["preserve"], s.params["lambda"],
-             s.params.get("salience_from", "delta")) for s in specs if s.method == M.PRESERVE_METHOD}
+    return {
+        (
+            s.density,
+            s.params["structure"],
+            s.params["preserve"],
+            s.params["lambda"],
+            s.params.get("salience_from", "delta"),
+        )
+        for s in specs
+        if s.method == M.PRESERVE_METHOD
+    }
 
 
 def test_extended_adds_only_the_preserve_ablations_to_the_full_variant():
     full, extended = M.method_specs(False, "pipeline"), M.method_specs(False, "pipeline", extended=True)
     frontier = {(d, "sparse", "user", 1.0, "delta") for d in (0.05, 0.10, 0.20, 1.0)}
-    frontier |= {(0.05, "lowrank", "user", 1.0, "delta"), (0.10, "lowrank", "user", 1.0, "delta"),
-                 (0.10, "sparse+lowrank", "user", 1.0, "delta"), (0.10, "sparse", "self", 1.0, "delta")}
+    frontier |= {
+        (0.05, "lowrank", "user", 1.0, "delta"),
+        (0.10, "lowrank", "user", 1.0, "delta"),
+        (0.10, "sparse+lowrank", "user", 1.0, "delta"),
+        (0.10, "sparse", "self", 1.0, "delta"),
+    }
     assert _preserve_rows(full) == frontier
-    ablations = {(0.01, "sparse", "user", 1.0, "delta"), (0.10, "sparse", "user", 0.3, "delta"),
-                 (0.10, "sparse", "user", 3.0, "delta"), (0.05, "sparse+lowrank", "user", 1.0, "delta"),
-                 (1.0, "sparse", "self", 1.0, "delta"), (0.10, "sparse", "user", 1.0, "target")}
+    ablations = {
+        (0.01, "sparse", "user", 1.0, "delta"),
+        (0.10, "sparse", "user", 0.3, "delta"),
+        (0.10, "sparse", "user", 3.0, "delta"),
+        (0.05, "sparse+lowrank", "user", 1.0, "delta"),
+        (1.0, "sparse", "self", 1.0, "delta"),
+        (0.10, "sparse", "user", 1.0, "target"),
+    }
     assert _preserve_rows(extended) == frontier | ablations
     others = [s for s in extended if s.method != M.PRESERVE_METHOD]
     assert others == [s for s in full if s.method != M.PRESERVE_METHOD]
@@ -87,8 +105,12 @@ def test_every_engine_gets_each_ablation_own_options():
     fields = {name: M._tailor_fields(spec, inputs) for name, spec in full.items()}
     assert fields["model_tailor"] == {"alpha": 0.8, "compensation": "obs", "guard": True, "sensitivity": "weight"}
     assert fields["mt_revert_sensitivity"]["sensitivity"] == "revert"
-    assert fields["mt_official_sign"] == {"alpha": 0.8, "compensation": "official", "guard": False,
-                                          "sensitivity": "weight"}
+    assert fields["mt_official_sign"] == {
+        "alpha": 0.8,
+        "compensation": "official",
+        "guard": False,
+        "sensitivity": "weight",
+    }
     assert fields["mt_salience_only"]["alpha"] == 1.0 and fields["mt_sensitivity_only"]["alpha"] == 0.0
     # the in-memory engine takes every one of those options by name (it gets them as ``**fields``)
     from model_tailor.bench.inmemory import InMemoryTailor

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from model_tailor.block_stats import BlockHessians
+from model_tailor.pipeline.activations import BlockHessians
 
 
 def test_llama_block_has_four_hessians_and_masks_padding():

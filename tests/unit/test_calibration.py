@@ -8,13 +8,7 @@ import pytest
 import torch
 
 from model_tailor.calibration.capture import capture_inputs, replace_hidden, run_block
-from model_tailor.calibration.data import (
-    CalibrationRecord,
-    build_calibration,
-    read_records,
-    render,
-    sample_records,
-)
+from model_tailor.calibration.data import CalibrationRecord, build_calibration, read_records, render, sample_records
 from model_tailor.errors import CalibrationError
 
 
@@ -80,9 +74,7 @@ def test_render_template_and_plain():
     from conftest import build_tokenizer
 
     tok = build_tokenizer()
-    rec = CalibrationRecord(
-        1, messages=({"role": "user", "content": "q"}, {"role": "assistant", "content": "a"})
-    )
+    rec = CalibrationRecord(1, messages=({"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}))
     assert render(rec, tok) == "user: q\nassistant: a"  # no chat template: plain rendering
     tok.chat_template = "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
     assert render(rec, tok) == "[user]q[assistant]a"
@@ -112,10 +104,10 @@ def test_unreadable_image(pico, tmp_path):
 
 def _streamed_replay(pair, list_suffix):
     """Capture the first block's inputs on the meta skeleton (sequential onloading) and replay every block."""
-    from model_tailor.architectures import build_skeleton, checkpoint_names, discover_layout
     from model_tailor.io.checkpoint import CheckpointReader
-    from model_tailor.streaming import Materializer, WeightSource
-    from model_tailor.targets import TargetPlan
+    from model_tailor.pipeline.architectures import build_skeleton, checkpoint_names, discover_layout
+    from model_tailor.pipeline.targets import TargetPlan
+    from model_tailor.pipeline.weights import Materializer, WeightSource
 
     reader = CheckpointReader(pair.finetuned)
     model = build_skeleton(str(pair.finetuned))

@@ -7,9 +7,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model_tailor.combine import COMBINE, combine_patches
 from model_tailor.errors import ConfigError, PatchFormatError, ShapeMismatchError
-from model_tailor.patch import PatchMetadata, SparsePatch, TensorPatch
+from model_tailor.patch.combine import COMBINE, combine_patches
+from model_tailor.patch.model import PatchMetadata, SparsePatch, TensorPatch
 
 FP = {"algorithm": "sha256", "structure": "s" * 64, "num_tensors": 2, "content": {}}
 
@@ -97,15 +97,11 @@ def _patches(draw, count: int):
     for _ in range(count):
         mask = draw(st.lists(st.booleans(), min_size=rows * cols, max_size=rows * cols))
         vals = draw(
-            st.lists(
-                st.floats(-100, 100, allow_nan=False, width=32), min_size=rows * cols, max_size=rows * cols
-            )
+            st.lists(st.floats(-100, 100, allow_nan=False, width=32), min_size=rows * cols, max_size=rows * cols)
         )
         delta = torch.tensor(vals, dtype=torch.float32).reshape(rows, cols)
         keep = torch.tensor(mask).reshape(rows, cols)
-        out.append(
-            SparsePatch({"w": TensorPatch.from_dense("w", delta, keep)}, PatchMetadata(base_fingerprint=FP))
-        )
+        out.append(SparsePatch({"w": TensorPatch.from_dense("w", delta, keep)}, PatchMetadata(base_fingerprint=FP)))
     return out
 
 

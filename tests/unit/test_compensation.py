@@ -5,15 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model_tailor.compensation import (
-    compensate,
-    exact_compensation,
-    obs_sweep,
-    reconstruction_error,
-)
 from model_tailor.errors import ConfigError, NumericalError, ShapeMismatchError
-from model_tailor.hessian import factor_hessian
-from model_tailor.kernel import tailor_weight
+from model_tailor.kernel.compensation import compensate, exact_compensation, obs_sweep, reconstruction_error
+from model_tailor.kernel.hessian import factor_hessian
+from model_tailor.kernel.tailor import tailor_weight
 
 
 def _layer(rows: int, cols: int, seed: int, tokens: int | None = None, dtype=torch.float64):
@@ -21,9 +16,7 @@ def _layer(rows: int, cols: int, seed: int, tokens: int | None = None, dtype=tor
     g = torch.Generator().manual_seed(seed)
     n = tokens or 4 * cols
     mix = torch.randn(cols, cols, generator=g, dtype=dtype) / cols**0.5 + 0.3 * torch.eye(cols, dtype=dtype)
-    X = mix @ (
-        torch.randn(cols, n, generator=g, dtype=dtype) * torch.linspace(1, 4, cols, dtype=dtype)[:, None]
-    )
+    X = mix @ (torch.randn(cols, n, generator=g, dtype=dtype) * torch.linspace(1, 4, cols, dtype=dtype)[:, None])
     H = 2 * X @ X.T / n
     base = 0.05 * torch.randn(rows, cols, generator=g, dtype=dtype)
     low = torch.randn(rows, 4, generator=g, dtype=dtype) @ torch.randn(4, cols, generator=g, dtype=dtype)

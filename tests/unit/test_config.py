@@ -52,9 +52,7 @@ def test_calibration_required_unless_data_free():
 def test_yaml_with_overrides_and_relative_paths(tmp_path):
     p = tmp_path / "sub" / "c.yaml"
     p.parent.mkdir()
-    p.write_text(
-        "base: models/base\nfinetuned: /abs/ft\ncalibration: c.jsonl\ndensity: 0.2\ninclude: '*.mlp.*'\n"
-    )
+    p.write_text("base: models/base\nfinetuned: /abs/ft\ncalibration: c.jsonl\ndensity: 0.2\ninclude: '*.mlp.*'\n")
     cfg = TailorConfig.from_yaml(p, density=0.3, seed=None)
     assert cfg.density == 0.3 and cfg.seed == 0
     assert str(cfg.base) == str(p.parent / "models/base") and str(cfg.finetuned) == "/abs/ft"

@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import save_file
 
 from model_tailor.errors import CheckpointError
-from model_tailor.fingerprint import compare_fingerprint, fingerprint, tensor_hash
 from model_tailor.io.checkpoint import CheckpointReader
+from model_tailor.patch.fingerprint import compare_fingerprint, fingerprint, tensor_hash
 
 
 def _state(seed: int = 0) -> dict[str, torch.Tensor]:

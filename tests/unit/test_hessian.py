@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model_tailor.errors import CalibrationError, NumericalError, ShapeMismatchError
-from model_tailor.hessian import (
+from model_tailor.kernel.hessian import (
     HessianAccumulator,
     damped_cholesky_inverse,
     factor_hessian,

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model_tailor.compensation import compensate as compensate_impl
-from model_tailor.compensation import reconstruction_error
 from model_tailor.errors import ConfigError, NumericalError, ShapeMismatchError
-from model_tailor.hessian import factor_hessian
-from model_tailor.kernel import TailoredWeight, compensate, tailor_weight
-from model_tailor.masking import keep_count, select_keep_mask
+from model_tailor.kernel.compensation import compensate as compensate_impl
+from model_tailor.kernel.compensation import reconstruction_error
+from model_tailor.kernel.hessian import factor_hessian
+from model_tailor.kernel.masking import keep_count, select_keep_mask
+from model_tailor.kernel.tailor import TailoredWeight, compensate, tailor_weight
 
 
 def _layer(rows=16, cols=24, seed=0, dtype=torch.float32, tokens=96):
@@ -101,19 +101,14 @@ def test_guard_errors_are_measured_under_the_damped_hessian():
     base, ft, H = _layer(dtype=torch.float64)
     out = tailor_weight(base, ft, H.double(), guard=False)
     H_damped = factor_hessian(H.double()).H_damped
-    assert out.stats.error_compensated == pytest.approx(
-        reconstruction_error(out.weight, ft, H_damped), rel=1e-9
-    )
+    assert out.stats.error_compensated == pytest.approx(reconstruction_error(out.weight, ft, H_damped), rel=1e-9)
 
 
 def test_exact_never_loses_to_the_sweep_under_the_same_mask():
     base, ft, H = _layer(dtype=torch.float64)
     H = H.double()
     keep = tailor_weight(base, ft, H).keep_mask
-    errs = {
-        c: tailor_weight(base, ft, H, keep_mask=keep, compensation=c, guard=False).stats
-        for c in ("obs", "exact")
-    }
+    errs = {c: tailor_weight(base, ft, H, keep_mask=keep, compensation=c, guard=False).stats for c in ("obs", "exact")}
     assert errs["exact"].error_compensated <= errs["obs"].error_compensated * (1 + 1e-10)
 
 
@@ -124,9 +119,7 @@ def test_target_is_reconstructed_and_can_drive_salience():
     g = torch.Generator().manual_seed(9)
     target2 = base + torch.randn(16, 24, generator=g) * 0.02
     m_delta = tailor_weight(base, ft, H, target=target2, alpha=1.0, compensation="none").keep_mask
-    m_target = tailor_weight(
-        base, ft, H, target=target2, alpha=1.0, compensation="none", salience_from="target"
-    )
+    m_target = tailor_weight(base, ft, H, target=target2, alpha=1.0, compensation="none", salience_from="target")
     assert not torch.equal(m_delta, m_target.keep_mask)
     assert torch.equal(m_target.weight, torch.where(m_target.keep_mask, target2, base))
 
@@ -156,9 +149,7 @@ def test_non_finite_inputs_raise_naming_the_tensor(which):
     tensors[which] = tensors[which].clone()
     tensors[which][0, 0] = float("inf") if which == "hessian" else float("nan")
     with pytest.raises(NumericalError, match=which) as info:
-        tailor_weight(
-            tensors["base"], tensors["finetuned"], tensors["hessian"], target=tensors["target"], name="L"
-        )
+        tailor_weight(tensors["base"], tensors["finetuned"], tensors["hessian"], target=tensors["target"], name="L")
     assert info.value.layer == "L"
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model_tailor.errors import ConfigError, NumericalError
-from model_tailor.masking import keep_count, select_keep_mask, select_keep_masks_global
+from model_tailor.kernel.masking import keep_count, select_keep_mask, select_keep_masks_global
 
 
 @pytest.mark.parametrize(

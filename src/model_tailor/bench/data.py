@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..io.atomic import atomic_write_text
-from .assets import Capital, ImageLabel, VQAItem
+from model_tailor.bench.assets import Capital, ImageLabel, VQAItem
+from model_tailor.io.atomic import atomic_write_text
 
 IMAGE_TOKEN = "<image>"
 CAPTION_INSTRUCTION = "Describe the image in a few words."
@@ -102,8 +102,9 @@ def collate_train(
     """Right-padded batch; labels cover only the response and its end-of-turn token (-100 elsewhere)."""
     rows, labels = [], []
     for ex in batch:
-        prompt = _ids(tokenizer, render_prompt(tokenizer, ex.prompt, has_image=ex.image is not None,
-                                               image_tokens=image_tokens))
+        prompt = _ids(
+            tokenizer, render_prompt(tokenizer, ex.prompt, has_image=ex.image is not None, image_tokens=image_tokens)
+        )
         answer = _ids(tokenizer, f"{ex.response}{tokenizer.eos_token}")
         rows.append(prompt + answer)
         labels.append([-100] * len(prompt) + answer)
@@ -121,8 +122,10 @@ def collate_train(
 
 def prompt_ids(tokenizer: object, examples: Sequence[Example], image_tokens: int) -> list[list[int]]:
     """Token ids of each example's rendered generation prompt (chat template, assistant header last)."""
-    return [_ids(tokenizer, render_prompt(tokenizer, ex.prompt, has_image=ex.image is not None,
-                                          image_tokens=image_tokens)) for ex in examples]
+    return [
+        _ids(tokenizer, render_prompt(tokenizer, ex.prompt, has_image=ex.image is not None, image_tokens=image_tokens))
+        for ex in examples
+    ]
 
 
 def shared_prefix(rows: Sequence[Sequence[int]], stop_token: int | None = None) -> int:
@@ -173,7 +176,7 @@ def write_calibration(items: Sequence[VQAItem], out_dir: Path) -> Path:
 
 
 def write_preserve(capitals: Sequence[Capital], labels: Sequence[ImageLabel], out_dir: Path) -> Path:
-    """"User-style" preserve JSONL for preserve-aware tailoring (Issue 5): original-ability records only.
+    """ "User-style" preserve JSONL for preserve-aware tailoring (Issue 5): original-ability records only.
 
     Capital questions (the eval's exact question, answered with the true capital) for held-out countries and
     templated captions (stage 1's instruction and caption) of easy-VQA TRAIN images; the caller passes
@@ -181,8 +184,9 @@ def write_preserve(capitals: Sequence[Capital], labels: Sequence[ImageLabel], ou
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "images").mkdir(exist_ok=True)
-    lines = [json.dumps({"prompt": CAPITAL_QUESTION.format(country=c.country), "response": c.capital})
-             for c in capitals]
+    lines = [
+        json.dumps({"prompt": CAPITAL_QUESTION.format(country=c.country), "response": c.capital}) for c in capitals
+    ]
     for lab in labels:
         rel = f"images/train-{lab.image_id}.png"
         if not (out_dir / rel).exists():

@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..hessian import HessianAccumulator
-from ..kernel import tailor_weight
-from .data import Example, PixelCache, collate_train
-from .models import load_model
+from model_tailor.bench.data import Example, PixelCache, collate_train
+from model_tailor.bench.models import load_model
+from model_tailor.kernel.hessian import HessianAccumulator
+from model_tailor.kernel.tailor import tailor_weight
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +31,9 @@ _LAYER = re.compile(r"^model\.language_model\.layers\.(\d+)\.")
 
 def read_calibration(path: Path, limit: int) -> list[Example]:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [Example(r["prompt"], path.parent / r["image"] if r.get("image") else None, r["response"])
-            for r in rows[:limit]]
+    return [
+        Example(r["prompt"], path.parent / r["image"] if r.get("image") else None, r["response"]) for r in rows[:limit]
+    ]
 
 
 @dataclass
@@ -61,14 +62,19 @@ class InMemoryTailor:
         pixels = PixelCache(processor.image_processor)
         try:
             with torch.no_grad():
-                for start in tqdm(range(0, len(examples), batch_size), desc="calibration (in-memory)",
-                                  unit="batch", leave=False):
-                    batch = collate_train(processor.tokenizer, examples[start : start + batch_size], pixels,
-                                          image_tokens)
+                for start in tqdm(
+                    range(0, len(examples), batch_size), desc="calibration (in-memory)", unit="batch", leave=False
+                ):
+                    batch = collate_train(
+                        processor.tokenizer, examples[start : start + batch_size], pixels, image_tokens
+                    )
                     batch = {k: v.to(inputs.device) for k, v in batch.items()}
                     mask_box["mask"] = batch["attention_mask"].bool()
-                    model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                pixel_values=batch.get("pixel_values"))
+                    model.model(
+                        input_ids=batch["input_ids"],
+                        attention_mask=batch["attention_mask"],
+                        pixel_values=batch.get("pixel_values"),
+                    )
         finally:
             for h in handles:
                 h.remove()
@@ -77,21 +83,44 @@ class InMemoryTailor:
         log.info("in-memory calibration: %d linears, %.1f s", len(hessians), seconds)
         return cls(hessians, seconds)
 
-    def tailor(self, base: Mapping[str, torch.Tensor], finetuned: Mapping[str, torch.Tensor], *, density: float,
-               alpha: float, compensation: str, sensitivity: str = "weight", guard: bool = True
-               ) -> tuple[dict[str, torch.Tensor], dict]:
+    def tailor(
+        self,
+        base: Mapping[str, torch.Tensor],
+        finetuned: Mapping[str, torch.Tensor],
+        *,
+        density: float,
+        alpha: float,
+        compensation: str,
+        sensitivity: str = "weight",
+        guard: bool = True,
+    ) -> tuple[dict[str, torch.Tensor], dict]:
         """Tailored weights of every hooked linear, and a summary (kept entries, reconstruction errors)."""
         out: dict[str, torch.Tensor] = {}
         kept = numel = 0
         err_masked = err_comp = 0.0
         for name in tqdm(sorted(self.hessians), desc=f"tailor {density:g}", unit="linear", leave=False):
-            tw = tailor_weight(base[name], finetuned[name], self.hessians[name], density=density, alpha=alpha,
-                               compensation=compensation, sensitivity=sensitivity, guard=guard, name=name)
+            tw = tailor_weight(
+                base[name],
+                finetuned[name],
+                self.hessians[name],
+                density=density,
+                alpha=alpha,
+                compensation=compensation,
+                sensitivity=sensitivity,
+                guard=guard,
+                name=name,
+            )
             out[name] = tw.weight
             kept += tw.stats.kept
             numel += tw.stats.numel
             err_masked += tw.stats.error_masked or 0.0
             err_comp += tw.stats.error_compensated or 0.0
-        summary = {"tensors": len(out), "kept": kept, "numel": numel, "density": kept / max(1, numel),
-                   "error_masked": err_masked, "error_compensated": err_comp}
+        summary = {
+            "tensors": len(out),
+            "kept": kept,
+            "numel": numel,
+            "density": kept / max(1, numel),
+            "error_masked": err_masked,
+            "error_compensated": err_comp,
+        }
         return out, summary

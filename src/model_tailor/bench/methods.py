@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..baselines import BASELINES, BaselineParams
-from ..errors import CheckpointError, ConfigError
-from . import peers
+from model_tailor.bench import peers
+from model_tailor.errors import CheckpointError, ConfigError
+from model_tailor.kernel.baselines import BASELINES, BaselineParams
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +53,26 @@ PEER_GRID: dict[str, tuple[float, ...]] = {"ties": (0.05, 0.10), "dare_ties": (0
 PEER_PREFIX = "mergekit_"  # row name = PEER_PREFIX + mergekit method
 
 
-def preserve_spec(density: float, engine: str, *, structure: str = "sparse", preserve: str = "user",
-                  lam: float | None = None, **extra: object) -> MethodSpec:
+def preserve_spec(
+    density: float,
+    engine: str,
+    *,
+    structure: str = "sparse",
+    preserve: str = "user",
+    lam: float | None = None,
+    **extra: object,
+) -> MethodSpec:
     """One ``model_tailor_preserve`` row; ``lam`` None = the library default (config.DEFAULT_PRESERVE_WEIGHT)."""
-    from ..config import DEFAULT_PRESERVE_WEIGHT
+    from model_tailor.config import DEFAULT_PRESERVE_WEIGHT
 
-    params = {**MT_VARIANTS["model_tailor"], "engine": engine, "structure": structure, "preserve": preserve,
-              "lambda": DEFAULT_PRESERVE_WEIGHT if lam is None else lam, **extra}
+    params = {
+        **MT_VARIANTS["model_tailor"],
+        "engine": engine,
+        "structure": structure,
+        "preserve": preserve,
+        "lambda": DEFAULT_PRESERVE_WEIGHT if lam is None else lam,
+        **extra,
+    }
     return MethodSpec(PRESERVE_METHOD, density, params)
 
 
@@ -142,8 +155,11 @@ def method_specs(quick: bool, engine: str, extended: bool = False) -> list[Metho
     ``extended`` adds the preserve ablations (:func:`preserve_specs`) to the full matrix."""
     mt = [MethodSpec("model_tailor", d, {**MT_VARIANTS["model_tailor"], "engine": engine}) for d in DENSITIES]
     ablations = [MethodSpec(n, 0.10, {**o, "engine": engine}) for n, o in MT_VARIANTS.items() if n != "model_tailor"]
-    sparse = [MethodSpec(m, d, {"seed": 0} if m in ("dare", "random") else {})
-              for m in ("magnitude", "dare", "random", "ties") for d in DENSITIES]
+    sparse = [
+        MethodSpec(m, d, {"seed": 0} if m in ("dare", "random") else {})
+        for m in ("magnitude", "dare", "random", "ties")
+        for d in DENSITIES
+    ]
     dense = [MethodSpec("task_arithmetic", None, {"scale": s}) for s in (0.3, 0.5, 0.7)]
     dense += [MethodSpec("wise_ft", None, {"scale": a}) for a in (0.25, 0.5, 0.75)]
     rows = [MethodSpec("pretrained"), MethodSpec("finetuned")]
@@ -157,8 +173,9 @@ def changed_tensors(base: Mapping[str, torch.Tensor], finetuned: Mapping[str, to
     return sorted(n for n in base if n in finetuned and not torch.equal(base[n], finetuned[n]))
 
 
-def baseline_overrides(spec: MethodSpec, base: Mapping[str, torch.Tensor], finetuned: Mapping[str, torch.Tensor],
-                       names: list[str]) -> dict[str, torch.Tensor]:
+def baseline_overrides(
+    spec: MethodSpec, base: Mapping[str, torch.Tensor], finetuned: Mapping[str, torch.Tensor], names: list[str]
+) -> dict[str, torch.Tensor]:
     """``base + baseline(delta)`` for every changed tensor; one seeded generator consumed in name order."""
     if spec.method == "pretrained":
         return {n: base[n] for n in names}
@@ -194,22 +211,34 @@ class TailorInputs:
 def _tailor_fields(spec: MethodSpec, inputs: TailorInputs) -> dict:
     """``tailor()`` keyword arguments of one row beyond the common ones."""
     p = spec.params
-    fields = {"alpha": p["alpha"], "compensation": p["compensation"], "guard": p.get("guard", True),
-              "sensitivity": p.get("sensitivity", "weight")}
+    fields = {
+        "alpha": p["alpha"],
+        "compensation": p["compensation"],
+        "guard": p.get("guard", True),
+        "sensitivity": p.get("sensitivity", "weight"),
+    }
     if spec.method == PRESERVE_METHOD:
         if p["preserve"] == "user" and inputs.preserve_user is None:
             raise CheckpointError("preserve row without the bench's preserve data")
-        fields.update(preserve="self" if p["preserve"] == "self" else str(inputs.preserve_user),
-                      preserve_weight=p["lambda"], preserve_samples=inputs.preserve_samples,
-                      structure=p.get("structure", "sparse"), salience_from=p.get("salience_from", "delta"))
+        fields.update(
+            preserve="self" if p["preserve"] == "self" else str(inputs.preserve_user),
+            preserve_weight=p["lambda"],
+            preserve_samples=inputs.preserve_samples,
+            structure=p.get("structure", "sparse"),
+            salience_from=p.get("salience_from", "delta"),
+        )
         if inputs.cache_dir is not None:
             fields["cache_dir"] = inputs.cache_dir
     return fields
 
 
-def _tailor_rows(specs: list[MethodSpec], inputs: TailorInputs, base: Mapping[str, torch.Tensor],
-                 finetuned: Mapping[str, torch.Tensor], names: list[str]
-                 ) -> list[tuple[MethodSpec, dict[str, torch.Tensor], float, dict]]:
+def _tailor_rows(
+    specs: list[MethodSpec],
+    inputs: TailorInputs,
+    base: Mapping[str, torch.Tensor],
+    finetuned: Mapping[str, torch.Tensor],
+    names: list[str],
+) -> list[tuple[MethodSpec, dict[str, torch.Tensor], float, dict]]:
     """The one place that runs Model Tailor: ``(spec, overrides, seconds, report summary)`` per row.
 
     Tensors the patch does not cover (norms, projector) are reset to base, the pipeline's default policy
@@ -218,7 +247,7 @@ def _tailor_rows(specs: list[MethodSpec], inputs: TailorInputs, base: Mapping[st
     engines = {s.params.get("engine", "pipeline") for s in specs}
     out = []
     if "inmemory" in engines:
-        from .inmemory import InMemoryTailor
+        from model_tailor.bench.inmemory import InMemoryTailor
 
         engine = InMemoryTailor.collect(inputs)
         for spec in [s for s in specs if s.params.get("engine") == "inmemory"]:
@@ -228,14 +257,24 @@ def _tailor_rows(specs: list[MethodSpec], inputs: TailorInputs, base: Mapping[st
             seconds = time.perf_counter() - t0 + engine.seconds
             out.append((spec, {n: patched.get(n, base[n]) for n in names}, seconds, summary))
     for spec in [s for s in specs if s.params.get("engine", "pipeline") == "pipeline"]:
-        from ..api import tailor
+        from model_tailor.api import tailor
 
         t0 = time.perf_counter()
         tag = "" if spec.method in MT_VARIANTS else "-" + hashlib.sha256(spec.key().encode()).hexdigest()[:8]
         patch_path = inputs.work_dir / f"{spec.method}-{spec.density:g}{tag}.safetensors"
-        result = tailor(base=inputs.base, finetuned=inputs.finetuned, calibration=inputs.calibration,
-                        out=patch_path, density=spec.density, samples=inputs.num_samples, seed=inputs.seed,
-                        device=inputs.device, overwrite=True, progress=True, **_tailor_fields(spec, inputs))
+        result = tailor(
+            base=inputs.base,
+            finetuned=inputs.finetuned,
+            calibration=inputs.calibration,
+            out=patch_path,
+            density=spec.density,
+            samples=inputs.num_samples,
+            seed=inputs.seed,
+            device=inputs.device,
+            overwrite=True,
+            progress=True,
+            **_tailor_fields(spec, inputs),
+        )
         unmapped = [n for n in names if n not in inputs.to_ckpt]
         if unmapped:
             raise CheckpointError(f"no checkpoint name for changed tensors {unmapped[:5]}; cannot apply the patch")
@@ -246,15 +285,25 @@ def _tailor_rows(specs: list[MethodSpec], inputs: TailorInputs, base: Mapping[st
     return out
 
 
-def _peer_rows(specs: list[MethodSpec], base: Path, finetuned: Path, names: list[str], to_ckpt: dict[str, str],
-               work_dir: Path) -> Iterator[tuple[MethodSpec, dict[str, torch.Tensor], float, dict]]:
+def _peer_rows(
+    specs: list[MethodSpec], base: Path, finetuned: Path, names: list[str], to_ckpt: dict[str, str], work_dir: Path
+) -> Iterator[tuple[MethodSpec, dict[str, torch.Tensor], float, dict]]:
     """mergekit peer rows, one at a time: ``(spec, overrides, seconds, extra)``; ``seconds`` is the whole merge
     (staging the changed tensors, mergekit, reading back) and ``extra["mergekit"]`` says what ran."""
     for spec in specs:
         method = spec.method.removeprefix(PEER_PREFIX)
         weight = spec.params.get("scale", 1.0)
-        result = peers.merge_pair(base, finetuned, method, names=names, to_ckpt=to_ckpt, density=spec.density,
-                                  weight=weight, seed=spec.params.get("seed", 0), work_dir=work_dir)
+        result = peers.merge_pair(
+            base,
+            finetuned,
+            method,
+            names=names,
+            to_ckpt=to_ckpt,
+            density=spec.density,
+            weight=weight,
+            seed=spec.params.get("seed", 0),
+            work_dir=work_dir,
+        )
         yield spec, result.overrides, result.seconds, {"mergekit": result.info}
 
 

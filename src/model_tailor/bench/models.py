@@ -22,8 +22,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import assets
-from .data import Example, PixelCache, caption_examples, collate_train, sample, vqa_examples, write_calibration
+from model_tailor.bench import assets
+from model_tailor.bench.data import (
+    Example,
+    PixelCache,
+    caption_examples,
+    collate_train,
+    sample,
+    vqa_examples,
+    write_calibration,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +43,15 @@ class BuildConfig:
     """Everything that determines the two models; its hash names the cache folder."""
 
     lm: str = "smollm2"  # "smollm2" (real weights from the GGUF) or "tiny" (random, for CI)
-    tiny_lm: dict = field(default_factory=lambda: {"hidden_size": 64, "intermediate_size": 128,
-                                                   "num_hidden_layers": 4, "num_attention_heads": 4,
-                                                   "num_key_value_heads": 2})
+    tiny_lm: dict = field(
+        default_factory=lambda: {
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+        }
+    )
     vision_hidden: int = 192
     vision_layers: int = 4
     vision_heads: int = 3
@@ -75,9 +89,22 @@ class BuildConfig:
     @classmethod
     def tiny(cls) -> BuildConfig:
         """A seconds-scale build for the CI smoke test (random LM, small tower, a few steps)."""
-        return cls(lm="tiny", vision_hidden=32, vision_layers=1, vision_heads=2, tune_last=2,
-                   vision_steps=5, vision_batch=16, align_steps=4, align_batch=4, ft_steps=6, ft_batch=4,
-                   ft_lr=1e-3, ft_projector_lr=1e-3, calibration_samples=8)
+        return cls(
+            lm="tiny",
+            vision_hidden=32,
+            vision_layers=1,
+            vision_heads=2,
+            tune_last=2,
+            vision_steps=5,
+            vision_batch=16,
+            align_steps=4,
+            align_batch=4,
+            ft_steps=6,
+            ft_batch=4,
+            ft_lr=1e-3,
+            ft_projector_lr=1e-3,
+            calibration_samples=8,
+        )
 
 
 @dataclass(frozen=True)
@@ -100,8 +127,14 @@ def _lm_and_tokenizer(cfg: BuildConfig) -> tuple[torch.nn.Module, object]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = assets.load_smollm2_tokenizer()
-    tiny = LlamaConfig(vocab_size=len(tok), tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
-                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **cfg.tiny_lm)
+    tiny = LlamaConfig(
+        vocab_size=len(tok),
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **cfg.tiny_lm,
+    )
     return LlamaForCausalLM(tiny).eval(), tok
 
 
@@ -134,29 +167,46 @@ def build_llava(cfg: BuildConfig) -> tuple[torch.nn.Module, object]:
     tok.padding_side = "left"
     tok.chat_template = CHAT_TEMPLATE
     lm.resize_token_embeddings(len(tok), mean_resizing=False)
-    vision = CLIPVisionConfig(hidden_size=cfg.vision_hidden, intermediate_size=4 * cfg.vision_hidden,
-                              num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_heads,
-                              image_size=cfg.image_size, patch_size=cfg.patch_size, projection_dim=cfg.vision_hidden)
-    config = LlavaConfig(vision_config=vision, text_config=lm.config,
-                         image_token_index=tok.convert_tokens_to_ids("<image>"), image_seq_length=cfg.image_tokens,
-                         vision_feature_layer=-1, vision_feature_select_strategy="default",
-                         tie_word_embeddings=True)
+    vision = CLIPVisionConfig(
+        hidden_size=cfg.vision_hidden,
+        intermediate_size=4 * cfg.vision_hidden,
+        num_hidden_layers=cfg.vision_layers,
+        num_attention_heads=cfg.vision_heads,
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        projection_dim=cfg.vision_hidden,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=lm.config,
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        image_seq_length=cfg.image_tokens,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        tie_word_embeddings=True,
+    )
     model = LlavaForConditionalGeneration(config)
     model.model.language_model.load_state_dict(lm.model.state_dict())
     model.tie_weights()
     size = {"height": cfg.image_size, "width": cfg.image_size}
     image_processor = CLIPImageProcessor(size=size, crop_size=size, do_center_crop=False)
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=cfg.patch_size,
-                               vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE,
-                               num_additional_image_tokens=1)
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tok,
+        patch_size=cfg.patch_size,
+        vision_feature_select_strategy="default",
+        chat_template=CHAT_TEMPLATE,
+        num_additional_image_tokens=1,
+    )
     return model.eval(), processor
 
 
 def response_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Cross-entropy on the response tokens only; the LM head runs just there (the vocabulary is 49k)."""
     labels = batch["labels"]
-    hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                         pixel_values=batch.get("pixel_values")).last_hidden_state
+    hidden = model.model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch.get("pixel_values")
+    ).last_hidden_state
     keep = labels[:, 1:] != -100
     logits = model.lm_head(hidden[:, :-1][keep])
     return torch.nn.functional.cross_entropy(logits.float(), labels[:, 1:][keep])
@@ -167,8 +217,18 @@ def _schedule(step: int, total: int) -> float:
     return (step + 1) / warm if step < warm else 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
 
-def _train(model, params_groups, examples: list[Example], steps: int, batch: int, cfg: BuildConfig,
-           processor, pixels: PixelCache, device: str, desc: str) -> float:
+def _train(
+    model,
+    params_groups,
+    examples: list[Example],
+    steps: int,
+    batch: int,
+    cfg: BuildConfig,
+    processor,
+    pixels: PixelCache,
+    device: str,
+    desc: str,
+) -> float:
     opt = torch.optim.AdamW(params_groups, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, steps))
     rng = torch.Generator().manual_seed(cfg.seed + 1)
@@ -271,11 +331,31 @@ def build_models(cfg: BuildConfig, cache_root: Path, device: str = "cpu") -> Bui
         pixels = PixelCache(processor.image_processor)
         acc = train_vision_tower(model, labels, pixels, cfg, device)
         params = _set_trainable(model, ("model.multi_modal_projector.",))
-        loss = _train(model, [{"params": params, "lr": cfg.align_lr}], caption_examples(labels), cfg.align_steps,
-                      cfg.align_batch, cfg, processor, pixels, device, "stage 1b: projector alignment")
+        loss = _train(
+            model,
+            [{"params": params, "lr": cfg.align_lr}],
+            caption_examples(labels),
+            cfg.align_steps,
+            cfg.align_batch,
+            cfg,
+            processor,
+            pixels,
+            device,
+            "stage 1b: projector alignment",
+        )
         seconds["stage1"] = time.perf_counter() - t0
-        _save(model, processor, pre_dir, {"build": asdict(cfg), "stage": "pretrained", "vision_acc": acc,
-                                          "align_loss": loss, "seconds": seconds["stage1"]})
+        _save(
+            model,
+            processor,
+            pre_dir,
+            {
+                "build": asdict(cfg),
+                "stage": "pretrained",
+                "vision_acc": acc,
+                "align_loss": loss,
+                "seconds": seconds["stage1"],
+            },
+        )
         del model
     if not (ft_dir / "config.json").exists():
         t0 = time.perf_counter()
@@ -288,11 +368,25 @@ def build_models(cfg: BuildConfig, cache_root: Path, device: str = "cpu") -> Bui
             p.requires_grad_(True)
         groups = [{"params": layer_params, "lr": cfg.ft_lr}, {"params": proj_params, "lr": cfg.ft_projector_lr}]
         examples = vqa_examples(sample(train_items, cfg.ft_steps * cfg.ft_batch * 4, cfg.seed + 3))
-        loss = _train(model, groups, examples, cfg.ft_steps, cfg.ft_batch, cfg, processor,
-                      PixelCache(processor.image_processor), device, "fine-tune: easy-VQA")
+        loss = _train(
+            model,
+            groups,
+            examples,
+            cfg.ft_steps,
+            cfg.ft_batch,
+            cfg,
+            processor,
+            PixelCache(processor.image_processor),
+            device,
+            "fine-tune: easy-VQA",
+        )
         seconds["finetune"] = time.perf_counter() - t0
-        _save(model, processor, ft_dir, {"build": asdict(cfg), "stage": "finetuned", "ft_loss": loss,
-                                         "seconds": seconds["finetune"]})
+        _save(
+            model,
+            processor,
+            ft_dir,
+            {"build": asdict(cfg), "stage": "finetuned", "ft_loss": loss, "seconds": seconds["finetune"]},
+        )
         del model
     if not (calib_dir / "calibration.jsonl").exists():
         # Calibration comes from the TRAIN split, disjoint from the fine-tuning draw's seed stream.

@@ -62,7 +62,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import CheckpointError, ConfigError
+from model_tailor.errors import CheckpointError, ConfigError
 
 __all__ = ["INSTALL_HINT", "PEER_METHODS", "PeerMerge", "is_available", "merge_pair", "mergekit_version"]
 
@@ -114,7 +114,7 @@ def _stage(src: Path, dst: Path, names: Sequence[str], to_ckpt: Mapping[str, str
     """``dst``: ``src``'s config.json and the changed tensors under their state-dict names."""
     from safetensors.torch import save_file
 
-    from ..io.checkpoint import CheckpointReader
+    from model_tailor.io.checkpoint import CheckpointReader
 
     unmapped = [n for n in names if n not in to_ckpt]
     if unmapped:
@@ -135,9 +135,19 @@ def _forget_loaders(root: Path) -> None:
         cache.loaders.pop(ref).flush()
 
 
-def merge_pair(base: Path, finetuned: Path, method: str, *, names: Sequence[str], to_ckpt: Mapping[str, str],
-               density: float | None = None, weight: float = 1.0, lam: float = 1.0, seed: int = 0,
-               work_dir: Path) -> PeerMerge:
+def merge_pair(
+    base: Path,
+    finetuned: Path,
+    method: str,
+    *,
+    names: Sequence[str],
+    to_ckpt: Mapping[str, str],
+    density: float | None = None,
+    weight: float = 1.0,
+    lam: float = 1.0,
+    seed: int = 0,
+    work_dir: Path,
+) -> PeerMerge:
     """Merge ``finetuned`` into ``base`` (two ``save_pretrained`` folders) with mergekit's ``method``.
 
     Args:
@@ -155,7 +165,7 @@ def merge_pair(base: Path, finetuned: Path, method: str, *, names: Sequence[str]
     from mergekit.config import MergeConfiguration
     from mergekit.merge import MergeOptions, run_merge
 
-    from ..io.checkpoint import CheckpointReader
+    from model_tailor.io.checkpoint import CheckpointReader
 
     model_params, global_params = merge_parameters(method, density=density, weight=weight, lam=lam)
     names = list(names)
@@ -166,16 +176,27 @@ def merge_pair(base: Path, finetuned: Path, method: str, *, names: Sequence[str]
         _stage(Path(base), tmp / "base", names, to_ckpt)
         _stage(Path(finetuned), tmp / "finetuned", names, to_ckpt)
         t_staged = time.perf_counter()
-        config = MergeConfiguration.model_validate({
-            "merge_method": method,
-            "base_model": str(tmp / "base"),
-            "models": [{"model": str(tmp / "finetuned"), "parameters": model_params}],
-            "parameters": global_params,
-            "dtype": "float32",
-        })
-        options = MergeOptions(device="cpu", cuda=False, copy_tokenizer=False, write_model_card=False,
-                               random_seed=seed, quiet=True, lazy_unpickle=False, low_cpu_memory=False,
-                               trust_remote_code=False, safe_serialization=True)
+        config = MergeConfiguration.model_validate(
+            {
+                "merge_method": method,
+                "base_model": str(tmp / "base"),
+                "models": [{"model": str(tmp / "finetuned"), "parameters": model_params}],
+                "parameters": global_params,
+                "dtype": "float32",
+            }
+        )
+        options = MergeOptions(
+            device="cpu",
+            cuda=False,
+            copy_tokenizer=False,
+            write_model_card=False,
+            random_seed=seed,
+            quiet=True,
+            lazy_unpickle=False,
+            low_cpu_memory=False,
+            trust_remote_code=False,
+            safe_serialization=True,
+        )
         py_state, np_state = random.getstate(), np.random.get_state()
         try:
             with torch.random.fork_rng(devices=[]):
@@ -189,13 +210,22 @@ def merge_pair(base: Path, finetuned: Path, method: str, *, names: Sequence[str]
             written = set(reader.names())
             missing = [n for n in names if n not in written and to_ckpt.get(n) not in written]
             if missing:
-                raise CheckpointError(f"mergekit {method} wrote no value for {len(missing)} changed tensor(s), "
-                                      f"e.g. {missing[:3]}; its architecture inference lost them")
+                raise CheckpointError(
+                    f"mergekit {method} wrote no value for {len(missing)} changed tensor(s), "
+                    f"e.g. {missing[:3]}; its architecture inference lost them"
+                )
             overrides = {n: reader.get(n if n in written else to_ckpt[n]).clone() for n in names}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     seconds = time.perf_counter() - t0
-    info = {"mergekit": mergekit_version(), "method": method, "parameters": {**model_params, **global_params},
-            "seed": seed, "tensors": len(names), "stage_seconds": t_staged - t0, "merge_seconds": t_merged - t_staged,
-            "read_seconds": seconds - (t_merged - t0)}
+    info = {
+        "mergekit": mergekit_version(),
+        "method": method,
+        "parameters": {**model_params, **global_params},
+        "seed": seed,
+        "tensors": len(names),
+        "stage_seconds": t_staged - t0,
+        "merge_seconds": t_merged - t_staged,
+        "read_seconds": seconds - (t_merged - t0),
+    }
     return PeerMerge(overrides, seconds, info)

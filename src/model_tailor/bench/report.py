@@ -8,9 +8,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..io.atomic import atomic_path, atomic_write_text
-from .methods import TAILOR_METHODS
-from .runner import BenchResult, Row
+from model_tailor.bench.methods import TAILOR_METHODS
+from model_tailor.bench.runner import BenchResult, Row
+from model_tailor.io.atomic import atomic_path, atomic_write_text
 
 MT_METHODS = TAILOR_METHODS  # every Model Tailor row (ablations included) is drawn in Model Tailor's style
 HIGHLIGHT = {"model_tailor": "crimson", "model_tailor_preserve": "darkgreen"}
@@ -29,15 +29,35 @@ def markdown_table(result: BenchResult) -> str:
     """One line per row; the original columns are per task, then the METHOD §13 ratios and H."""
     orig_tasks = list(result.rows[0].original) if result.rows else []
     tgt_tasks = list(result.rows[0].target) if result.rows else []
-    head = ["method", "density", "params", *orig_tasks, *tgt_tasks, "original", "target", "retention",
-            "target ratio", "H", "seconds"]
+    head = [
+        "method",
+        "density",
+        "params",
+        *orig_tasks,
+        *tgt_tasks,
+        "original",
+        "target",
+        "retention",
+        "target ratio",
+        "H",
+        "seconds",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result.rows:
         name = f"**{r.method}**" if r.method in HIGHLIGHT else r.method
-        cells = [name, "dense" if r.density is None else f"{r.density:g}", _params(r),
-                 *(_fmt(r.original[t]) for t in orig_tasks), *(_fmt(r.target[t]) for t in tgt_tasks),
-                 _fmt(r.original_score), _fmt(r.target_score), _fmt(r.retention), _fmt(r.target_ratio),
-                 _fmt(r.h_score), f"{r.seconds:.1f}" + (" (cached)" if r.cached else "")]
+        cells = [
+            name,
+            "dense" if r.density is None else f"{r.density:g}",
+            _params(r),
+            *(_fmt(r.original[t]) for t in orig_tasks),
+            *(_fmt(r.target[t]) for t in tgt_tasks),
+            _fmt(r.original_score),
+            _fmt(r.target_score),
+            _fmt(r.retention),
+            _fmt(r.target_ratio),
+            _fmt(r.h_score),
+            f"{r.seconds:.1f}" + (" (cached)" if r.cached else ""),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -113,7 +133,7 @@ def plot_pareto(result: BenchResult, path: Path) -> None:
 
 def _preserve_tag(params: dict) -> str:
     """Short point label of a preserve row beyond its density: non-default structure, source, lambda, salience."""
-    from ..config import DEFAULT_PRESERVE_WEIGHT
+    from model_tailor.config import DEFAULT_PRESERVE_WEIGHT
 
     parts = [] if params.get("structure", "sparse") == "sparse" else [str(params["structure"])]
     if params.get("preserve") == "self":

@@ -21,15 +21,24 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
-from ..architectures import checkpoint_names
-from ..io.atomic import atomic_write_text
-from ..io.checkpoint import CheckpointReader
-from . import assets, peers
-from . import methods as M
-from .data import CAPITAL_QUESTION, VQA_SUFFIX, PixelCache, sample, write_preserve
-from .models import BuildConfig, build_models, load_model
-from .tasks import ORIGINAL_TASKS, TARGET_TASKS, EvalConfig, Task, build_tasks, evaluate, normalize, split_capitals
+from model_tailor import __version__
+from model_tailor.bench import assets, peers
+from model_tailor.bench import methods as M
+from model_tailor.bench.data import CAPITAL_QUESTION, VQA_SUFFIX, PixelCache, sample, write_preserve
+from model_tailor.bench.models import BuildConfig, build_models, load_model
+from model_tailor.bench.tasks import (
+    ORIGINAL_TASKS,
+    TARGET_TASKS,
+    EvalConfig,
+    Task,
+    build_tasks,
+    evaluate,
+    normalize,
+    split_capitals,
+)
+from model_tailor.io.atomic import atomic_write_text
+from model_tailor.io.checkpoint import CheckpointReader
+from model_tailor.pipeline.architectures import checkpoint_names
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +87,13 @@ class BenchResult:
     meta: dict
 
     def to_json(self) -> dict:
-        return {"benchmark": "tailorbench", "version": 1, "quick": self.quick, "meta": self.meta,
-                "rows": [asdict(r) for r in self.rows]}
+        return {
+            "benchmark": "tailorbench",
+            "version": 1,
+            "quick": self.quick,
+            "meta": self.meta,
+            "rows": [asdict(r) for r in self.rows],
+        }
 
 
 def harmonic(a: float | None, b: float | None) -> float | None:
@@ -102,8 +116,12 @@ def finalize(rows: list[Row]) -> list[Row]:
 def _versions() -> dict[str, str]:
     import transformers
 
-    versions = {"model_tailor": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-                "python": platform.python_version()}
+    versions = {
+        "model_tailor": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
     if peers.is_available():
         versions["mergekit"] = peers.mergekit_version()
     return versions
@@ -120,22 +138,44 @@ def peer_notes(quick: bool, specs: list[M.MethodSpec]) -> list[str]:
 
 
 def _machine(device: str) -> dict:
-    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_threads": torch.get_num_threads(), "device": device}
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "device": device,
+    }
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
 
 
 def _eval_key(cfg: BenchConfig, spec: M.MethodSpec) -> str:
-    blob = json.dumps({"v": RUN_VERSION, "build": cfg.build.key(), "eval": asdict(cfg.eval_config()),
-                       "spec": spec.key(), "device": cfg.device}, sort_keys=True, default=str)
+    blob = json.dumps(
+        {
+            "v": RUN_VERSION,
+            "build": cfg.build.key(),
+            "eval": asdict(cfg.eval_config()),
+            "spec": spec.key(),
+            "device": cfg.device,
+        },
+        sort_keys=True,
+        default=str,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def _weights_key(cfg: BenchConfig, digest: str) -> str:
-    blob = json.dumps({"v": RUN_VERSION, "build": cfg.build.key(), "eval": asdict(cfg.eval_config()),
-                       "weights": digest, "device": cfg.device}, sort_keys=True, default=str)
+    blob = json.dumps(
+        {
+            "v": RUN_VERSION,
+            "build": cfg.build.key(),
+            "eval": asdict(cfg.eval_config()),
+            "weights": digest,
+            "device": cfg.device,
+        },
+        sort_keys=True,
+        default=str,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -164,8 +204,11 @@ def write_bench_preserve(root: Path, seed: int) -> Path:
     """The bench's "user-style" preserve JSONL (+ images) under ``root/preserve``: capital questions about the
     held-out countries and templated captions of easy-VQA train images whose pixels match no test image."""
     test_hashes = {_sha(it.image) for it in assets.load_vqa("test")}
-    labels = [lab for lab in sample(assets.image_labels(assets.load_vqa("train")), 4 * PRESERVE_CAPTIONS, seed + 5)
-              if _sha(lab.image) not in test_hashes][:PRESERVE_CAPTIONS]
+    labels = [
+        lab
+        for lab in sample(assets.image_labels(assets.load_vqa("train")), 4 * PRESERVE_CAPTIONS, seed + 5)
+        if _sha(lab.image) not in test_hashes
+    ][:PRESERVE_CAPTIONS]
     return write_preserve(split_capitals()[1], labels, root / "preserve")
 
 
@@ -180,8 +223,9 @@ def check_preserve_disjoint(path: Path, tasks: list[Task], self_instructions: li
     prompt or question. With ``self_instructions`` (``--preserve self``), none may name a test country.
     """
     test_countries = {c.country for c in split_capitals()[0]}
-    test_countries |= {m.group(1) for t in tasks if t.name == "capital_qa" for ex in t.examples
-                       if (m := _CAPITAL_RE.match(ex.prompt))}
+    test_countries |= {
+        m.group(1) for t in tasks if t.name == "capital_qa" for ex in t.examples if (m := _CAPITAL_RE.match(ex.prompt))
+    }
     test_items = assets.load_vqa("test")
     test_paths = {it.image.resolve() for it in test_items}
     test_hashes = {_sha(p) for p in test_paths}
@@ -256,9 +300,17 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
             extra = {**extra, "same_weights_as": result["label"]}
         original = {t: result["scores"][t] for t in ORIGINAL_TASKS}
         target = {t: result["scores"][t] for t in TARGET_TASKS}
-        row = Row(spec.method, spec.density, spec.params, original, target,
-                  sum(original.values()) / len(original), sum(target.values()) / len(target),
-                  seconds=seconds, extra={**extra, "samples": result["samples"]})
+        row = Row(
+            spec.method,
+            spec.density,
+            spec.params,
+            original,
+            target,
+            sum(original.values()) / len(original),
+            sum(target.values()) / len(target),
+            seconds=seconds,
+            extra={**extra, "samples": result["samples"]},
+        )
         atomic_write_text(eval_dir / f"{_eval_key(cfg, spec)}.json", json.dumps(asdict(row)))
         return row
 
@@ -279,7 +331,7 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
             rows.append(score(spec, overrides, seconds, {}))
     preserve_user, preserve_check = None, None
     if any(s.method == M.PRESERVE_METHOD for s in specs):  # written and checked even when the rows are cached
-        from ..calibration.selfgen import load_instructions
+        from model_tailor.calibration.selfgen import load_instructions
 
         preserve_user = write_bench_preserve(built.root, cfg.build.seed)
         uses_self = any(s.params.get("preserve") == "self" for s in specs if s.method == M.PRESERVE_METHOD)
@@ -289,22 +341,37 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
         with CheckpointReader(built.pretrained) as reader:
             to_ckpt = checkpoint_names(model, names, set(reader.names()))
     if todo_mt:
-        inputs = M.TailorInputs(built.pretrained, built.finetuned, built.calibration, built.tuned_layers,
-                                cfg.build.calibration_samples, cfg.build.seed, cfg.device, built.root / "patches",
-                                to_ckpt, preserve_user, PRESERVE_CAPTIONS + len(split_capitals()[1]), cfg.cache_dir)
+        inputs = M.TailorInputs(
+            built.pretrained,
+            built.finetuned,
+            built.calibration,
+            built.tuned_layers,
+            cfg.build.calibration_samples,
+            cfg.build.seed,
+            cfg.device,
+            built.root / "patches",
+            to_ckpt,
+            preserve_user,
+            PRESERVE_CAPTIONS + len(split_capitals()[1]),
+            cfg.cache_dir,
+        )
         inputs.work_dir.mkdir(exist_ok=True)
         for spec, overrides, seconds, summary in M._tailor_rows(todo_mt, inputs, base, finetuned, names):
             rows.append(score(spec, overrides, seconds, {"tailor": summary}))
     if todo_peers:  # last: a mergekit failure cannot cost the rows above (each is cached once scored)
         work_dir = built.root / "peers"
-        for spec, overrides, seconds, extra in M._peer_rows(todo_peers, built.pretrained, built.finetuned, names,
-                                                            to_ckpt, work_dir):
+        for spec, overrides, seconds, extra in M._peer_rows(
+            todo_peers, built.pretrained, built.finetuned, names, to_ckpt, work_dir
+        ):
             rows.append(score(spec, overrides, seconds, extra))
     order = {s.key(): i for i, s in enumerate(specs)}
     rows.sort(key=lambda r: order.get(M.MethodSpec(r.method, r.density, r.params).key(), 1 << 30))
     notes = peer_notes(cfg.quick, specs)
-    same = [f"{M.MethodSpec(r.method, r.density, r.params).label} = {r.extra['same_weights_as']}"
-            for r in rows if "same_weights_as" in r.extra]
+    same = [
+        f"{M.MethodSpec(r.method, r.density, r.params).label} = {r.extra['same_weights_as']}"
+        for r in rows
+        if "same_weights_as" in r.extra
+    ]
     if same:
         notes.append("bit-identical weights, evaluated once: " + "; ".join(same))
     meta = {
@@ -312,8 +379,13 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
         "machine": _machine(cfg.device),
         "versions": _versions(),
         "engine": cfg.engine,
-        "build": {**asdict(cfg.build), "key": cfg.build.key(), "seconds": built.seconds,
-                  "tuned_layers": list(built.tuned_layers), "changed_tensors": len(names)},
+        "build": {
+            **asdict(cfg.build),
+            "key": cfg.build.key(),
+            "seconds": built.seconds,
+            "tuned_layers": list(built.tuned_layers),
+            "changed_tensors": len(names),
+        },
         "eval": asdict(ecfg),
         "task_sizes": {t.name: len(t.examples) for t in tasks},
         "preserve_data": None if preserve_user is None else {"path": str(preserve_user), "check": preserve_check},

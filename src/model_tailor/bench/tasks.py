@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from . import assets
-from .data import (
+from model_tailor.bench import assets
+from model_tailor.bench.data import (
     Example,
     PixelCache,
     capital_examples,
@@ -91,8 +91,7 @@ class EvalConfig:
 
     @classmethod
     def tiny(cls) -> EvalConfig:
-        return cls(n_capitals=4, n_captions=4, n_vqa=4, batch_size=4, capital_tokens=3, caption_tokens=3,
-                   vqa_tokens=2)
+        return cls(n_capitals=4, n_captions=4, n_vqa=4, batch_size=4, capital_tokens=3, caption_tokens=3, vqa_tokens=2)
 
 
 @dataclass(frozen=True)
@@ -118,8 +117,17 @@ def build_tasks(cfg: EvalConfig) -> list[Task]:
 
 
 @torch.no_grad()
-def generate(model, processor, examples: Sequence[Example], pixels: PixelCache, *, max_new_tokens: int,
-             batch_size: int, image_tokens: int, desc: str) -> list[str]:
+def generate(
+    model,
+    processor,
+    examples: Sequence[Example],
+    pixels: PixelCache,
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    image_tokens: int,
+    desc: str,
+) -> list[str]:
     """Greedy answers; special tokens stripped.
 
     Same tokens as ``model.generate(do_sample=False)`` on left-padded prompts, computed with less work: the
@@ -134,8 +142,10 @@ def generate(model, processor, examples: Sequence[Example], pixels: PixelCache, 
     answers: list[str] = []
     for start in tqdm(range(0, len(examples), batch_size), desc=desc, unit="batch", leave=False):
         batch = examples[start : start + batch_size]
-        inputs = {k: v.to(device) for k, v in collate_generate(rows[start : start + len(batch)], prefix,
-                                                               tok.pad_token_id).items()}
+        inputs = {
+            k: v.to(device)
+            for k, v in collate_generate(rows[start : start + len(batch)], prefix, tok.pad_token_id).items()
+        }
         if batch[0].image is not None:
             inputs["pixel_values"] = pixels.get([ex.image for ex in batch]).to(device)
         tokens = _greedy(model, inputs, rows[0][:prefix], max_new_tokens, tok.eos_token_id, tok.pad_token_id)
@@ -149,8 +159,9 @@ def cache_name(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def _greedy(model, inputs: dict[str, torch.Tensor], prefix: list[int], max_new_tokens: int, eos_id: int,
-            pad_id: int) -> torch.Tensor:
+def _greedy(
+    model, inputs: dict[str, torch.Tensor], prefix: list[int], max_new_tokens: int, eos_id: int, pad_id: int
+) -> torch.Tensor:
     """Greedy tokens ``(batch, <= max_new_tokens)`` after the shared ``prefix`` and the batch's suffixes;
     rows that have emitted EOS continue with padding."""
     ids, mask, positions = inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"]
@@ -161,8 +172,15 @@ def _greedy(model, inputs: dict[str, torch.Tensor], prefix: list[int], max_new_t
         cache = getattr(model(input_ids=torch.tensor([prefix], device=ids.device), use_cache=True), key)
         cache.batch_repeat_interleave(batch)
     extra = {"pixel_values": inputs["pixel_values"]} if "pixel_values" in inputs else {}
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
-                **{key: cache}, **extra)
+    out = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=positions,
+        use_cache=True,
+        logits_to_keep=1,
+        **{key: cache},
+        **extra,
+    )
     done = torch.zeros(batch, dtype=torch.bool, device=ids.device)
     position = positions[:, -1:]
     tokens = []
@@ -174,8 +192,14 @@ def _greedy(model, inputs: dict[str, torch.Tensor], prefix: list[int], max_new_t
             break
         mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
         position = position + 1
-        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=position, use_cache=True,
-                    logits_to_keep=1, **{key: getattr(out, key)})
+        out = model(
+            input_ids=nxt[:, None],
+            attention_mask=mask,
+            position_ids=position,
+            use_cache=True,
+            logits_to_keep=1,
+            **{key: getattr(out, key)},
+        )
     return torch.stack(tokens, dim=1) if tokens else torch.empty(batch, 0, dtype=torch.long)
 
 
@@ -185,13 +209,22 @@ class TaskResult:
     samples: dict[str, list[tuple[str, str]]]  # a few (answer, truth) pairs per task, for the report
 
 
-def evaluate(model, processor, tasks: Sequence[Task], pixels: PixelCache, cfg: EvalConfig, image_tokens: int,
-             label: str = "") -> TaskResult:
+def evaluate(
+    model, processor, tasks: Sequence[Task], pixels: PixelCache, cfg: EvalConfig, image_tokens: int, label: str = ""
+) -> TaskResult:
     """Score one model on every task."""
     scores, samples = {}, {}
     for task in tasks:
-        answers = generate(model, processor, task.examples, pixels, max_new_tokens=task.max_new_tokens,
-                           batch_size=cfg.batch_size, image_tokens=image_tokens, desc=f"eval {label} {task.name}")
+        answers = generate(
+            model,
+            processor,
+            task.examples,
+            pixels,
+            max_new_tokens=task.max_new_tokens,
+            batch_size=cfg.batch_size,
+            image_tokens=image_tokens,
+            desc=f"eval {label} {task.name}",
+        )
         hits = [task.hit(a, ex.response) for a, ex in zip(answers, task.examples, strict=True)]
         scores[task.name] = sum(hits) / max(1, len(hits))
         samples[task.name] = [(a, ex.response) for a, ex in zip(answers[:3], task.examples[:3], strict=True)]

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import CalibrationError
+from model_tailor.errors import CalibrationError
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..errors import CalibrationError
+from model_tailor.errors import CalibrationError
 
 logger = logging.getLogger(__name__)
 
@@ -84,14 +84,10 @@ def read_records(path: str | os.PathLike[str]) -> list[CalibrationRecord]:
         except ValueError as err:
             raise _fail(file, i, f"not valid JSON ({err.msg})") from None
         if not isinstance(obj, dict):
-            raise _fail(
-                file, i, "each line must be a JSON object with 'text', 'prompt'/'response' or 'messages'"
-            )
+            raise _fail(file, i, "each line must be a JSON object with 'text', 'prompt'/'response' or 'messages'")
         records.append(_record(file, i, obj))
     if not records:
-        raise CalibrationError(
-            f"calibration file {str(file)!r} holds no records; add JSONL lines with 'text'"
-        )
+        raise CalibrationError(f"calibration file {str(file)!r} holds no records; add JSONL lines with 'text'")
     return records
 
 
@@ -127,9 +123,7 @@ def _record(file: Path, line: int, obj: dict[str, Any]) -> CalibrationRecord:
             [{"role": "assistant", "content": response}] if response else []
         )
         return CalibrationRecord(line, messages=tuple(msgs), image=img)
-    raise _fail(
-        file, line, f"unknown record keys {sorted(obj)}; expected 'text', 'prompt'/'response' or 'messages'"
-    )
+    raise _fail(file, line, f"unknown record keys {sorted(obj)}; expected 'text', 'prompt'/'response' or 'messages'")
 
 
 def sample_records(records: list[CalibrationRecord], n: int, seed: int) -> list[CalibrationRecord]:
@@ -149,15 +143,11 @@ def load_processor(model_dir: str | os.PathLike[str]) -> Any:
         if hasattr(proc, "tokenizer") or hasattr(proc, "apply_chat_template"):
             return proc
     except Exception as err:  # noqa: BLE001 - transformers raises many types; fall back and say why
-        logger.info(
-            "AutoProcessor unavailable for %s (%s); using tokenizer + image processor", model_dir, err
-        )
+        logger.info("AutoProcessor unavailable for %s (%s); using tokenizer + image processor", model_dir, err)
     try:
         tok = AutoTokenizer.from_pretrained(model_dir)
     except Exception as err:  # noqa: BLE001
-        raise CalibrationError(
-            f"{model_dir}: no tokenizer can be loaded ({err}); save it beside the weights"
-        ) from None
+        raise CalibrationError(f"{model_dir}: no tokenizer can be loaded ({err}); save it beside the weights") from None
     image_processor = None
     if (Path(model_dir) / "preprocessor_config.json").is_file():
         image_processor = AutoImageProcessor.from_pretrained(model_dir)
@@ -181,9 +171,7 @@ class _TokenizerAndImages:
 
     def _expand(self, text: str, counts: Any) -> str:
         parts = text.split(self.image_token)
-        return "".join(
-            p + (self.image_token * next(counts) if k < len(parts) - 1 else "") for k, p in enumerate(parts)
-        )
+        return "".join(p + (self.image_token * next(counts) if k < len(parts) - 1 else "") for k, p in enumerate(parts))
 
     def __call__(self, text: list[str], images: list[Any] | None = None, return_tensors: str = "pt") -> dict:
         extra: dict[str, Any] = {}
@@ -249,9 +237,7 @@ def _open_image(path: Path) -> Any:
         with Image.open(path) as im:
             return im.convert("RGB")
     except (OSError, UnidentifiedImageError) as err:
-        raise CalibrationError(
-            f"image {str(path)!r} cannot be read ({err}); fix the path or the file"
-        ) from None
+        raise CalibrationError(f"image {str(path)!r} cannot be read ({err}); fix the path or the file") from None
 
 
 def _requires_pixels(model_cls: type | None) -> bool:
@@ -301,12 +287,7 @@ def _collate(samples: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, t
     out: dict[str, torch.Tensor] = {}
     for key in samples[0]:
         parts = [s[key] for s in samples]
-        if (
-            parts[0].ndim == 2
-            and parts[0].shape[0] == 1
-            and not key.startswith("pixel")
-            and "grid" not in key
-        ):
+        if parts[0].ndim == 2 and parts[0].shape[0] == 1 and not key.startswith("pixel") and "grid" not in key:
             width = max(p.shape[1] for p in parts)
             fill = pad_id if key.endswith("input_ids") else 0
             parts = [torch.nn.functional.pad(p, (0, width - p.shape[1]), value=fill) for p in parts]
@@ -332,18 +313,13 @@ def build_calibration(
         records = [r for r in records if r.image is not None]
         if dropped:
             warnings.append(
-                f"{len(dropped)} text-only record(s) skipped: this model needs an image per sample "
-                f"(lines {dropped})"
+                f"{len(dropped)} text-only record(s) skipped: this model needs an image per sample (lines {dropped})"
             )
         if not records:
-            raise CalibrationError(
-                f"{path}: this model needs an image in every calibration record; none has one"
-            )
+            raise CalibrationError(f"{path}: this model needs an image in every calibration record; none has one")
     chosen = sample_records(records, samples, seed)
     if len(records) < samples:
-        warnings.append(
-            f"only {len(records)} calibration record(s) available, {samples} requested: using all"
-        )
+        warnings.append(f"only {len(records)} calibration record(s) available, {samples} requested: using all")
     for w in warnings:
         logger.warning("%s", w)
     for r in chosen:

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError
-from ..io.atomic import atomic_write_text
+from model_tailor.errors import ConfigError
+from model_tailor.io.atomic import atomic_write_text
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..apply import DEFAULT_MAX_SHARD_BYTES, apply_patches
+from model_tailor.patch.apply import DEFAULT_MAX_SHARD_BYTES, apply_patches
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

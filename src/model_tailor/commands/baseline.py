@@ -9,11 +9,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..errors import ShapeMismatchError
+from model_tailor.errors import ShapeMismatchError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from ..baselines import BASELINES
+    from model_tailor.kernel.baselines import BASELINES
 
     p = sub.add_parser("baseline", help="merge base + a baseline of the fine-tuned delta into a new checkpoint")
     p.add_argument("--method", required=True, choices=BASELINES.names())
@@ -30,8 +30,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from ..baselines import BASELINES, BaselineParams
-    from ..io.checkpoint import CheckpointReader, CheckpointWriter
+    from model_tailor.io.checkpoint import CheckpointReader, CheckpointWriter
+    from model_tailor.kernel.baselines import BASELINES, BaselineParams
 
     fn = BASELINES.get(args.method)
     params = BaselineParams(density=args.density, scale=args.scale, seed=args.seed)
@@ -39,8 +39,10 @@ def run(args: argparse.Namespace) -> int:
     with CheckpointReader(args.base) as base, CheckpointReader(args.finetuned) as ft:
         missing = sorted(set(base.names()) ^ set(ft.names()))
         if missing:
-            raise ShapeMismatchError(f"base and fine-tuned differ in tensor names: {missing[:10]} "
-                                     f"({len(missing)} in all); pass two checkpoints of the same architecture")
+            raise ShapeMismatchError(
+                f"base and fine-tuned differ in tensor names: {missing[:10]} "
+                f"({len(missing)} in all); pass two checkpoints of the same architecture"
+            )
         changed = 0
         with CheckpointWriter(args.out) as writer:
             for name in tqdm(sorted(base.names()), desc=f"baseline {args.method}", unit="tensor"):

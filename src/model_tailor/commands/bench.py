@@ -9,34 +9,51 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..errors import ConfigError
+from model_tailor.errors import ConfigError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="run TailorBench (mini-LLaVA forgetting benchmark) and write a report")
     p.add_argument("--out", required=True, type=Path, help="output folder (results.json, results.md, pareto.png)")
     p.add_argument("--quick", action="store_true", help="fewer test items and methods (same cached models)")
-    p.add_argument("--extended", action="store_true",
-                   help="full variant plus the preserve ablations (lambda grid, salience source, self dense, ...)")
+    p.add_argument(
+        "--extended",
+        action="store_true",
+        help="full variant plus the preserve ablations (lambda grid, salience source, self dense, ...)",
+    )
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    p.add_argument("--cache-dir", default=None,
-                   help="model/data cache (default $MODEL_TAILOR_CACHE or ~/.cache/model-tailor)")
-    p.add_argument("--engine", choices=("pipeline", "inmemory"), default="pipeline",
-                   help="Model Tailor engine: the project pipeline (default) or the in-memory kernel fallback")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: torch's choice); 1 is far faster on an oversubscribed CPU")
+    p.add_argument(
+        "--cache-dir", default=None, help="model/data cache (default $MODEL_TAILOR_CACHE or ~/.cache/model-tailor)"
+    )
+    p.add_argument(
+        "--engine",
+        choices=("pipeline", "inmemory"),
+        default="pipeline",
+        help="Model Tailor engine: the project pipeline (default) or the in-memory kernel fallback",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (default: torch's choice); 1 is far faster on an oversubscribed CPU",
+    )
     p.add_argument("--no-eval-cache", action="store_true", help="re-evaluate every row instead of reusing results")
-    p.add_argument("--methods", nargs="+", default=(), metavar="GLOB",
-                   help="only rows whose method matches (e.g. 'model_tailor*'); pretrained/finetuned always run")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=(),
+        metavar="GLOB",
+        help="only rows whose method matches (e.g. 'model_tailor*'); pretrained/finetuned always run",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..bench.assets import resolve_cache_dir
-    from ..bench.report import markdown_table, write_outputs
-    from ..bench.runner import BenchConfig, run_bench
+    from model_tailor.bench.assets import resolve_cache_dir
+    from model_tailor.bench.report import markdown_table, write_outputs
+    from model_tailor.bench.runner import BenchConfig, run_bench
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {args.device} was asked for but CUDA is not available; use --device cpu")
@@ -46,9 +63,15 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.quick and args.extended:
         raise ConfigError("--extended adds rows to the full variant; drop --quick or --extended")
-    cfg = BenchConfig(quick=args.quick, extended=args.extended, device=args.device,
-                      cache_dir=resolve_cache_dir(args.cache_dir), engine=args.engine,
-                      reuse_evals=not args.no_eval_cache, only=tuple(args.methods))
+    cfg = BenchConfig(
+        quick=args.quick,
+        extended=args.extended,
+        device=args.device,
+        cache_dir=resolve_cache_dir(args.cache_dir),
+        engine=args.engine,
+        reuse_evals=not args.no_eval_cache,
+        only=tuple(args.methods),
+    )
     result = run_bench(cfg)
     paths = write_outputs(result, args.out)
     print(markdown_table(result))

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..combine import combine_patches
-from ..errors import ConfigError
-from ..io.patch_file import load_patch, save_patch
+from model_tailor.errors import ConfigError
+from model_tailor.patch.combine import combine_patches
+from model_tailor.patch.format import load_patch, save_patch
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -8,7 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ..io.patch_file import FORMAT_NAME, load_patch
+from model_tailor.patch.format import FORMAT_NAME, load_patch
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

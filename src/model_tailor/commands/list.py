@@ -6,10 +6,10 @@ import argparse
 import importlib
 import json
 
-from ..registry import Registry
+from model_tailor.registry import Registry
 
-# Modules that define registries; those not written yet are skipped.
-MODULES = ("combine", "scoring", "baselines", "evaluate.suites")
+# Modules that define registries.
+MODULES = ("patch.combine", "kernel.scoring", "kernel.baselines")
 
 
 def _registries() -> list[Registry]:
@@ -33,8 +33,7 @@ def run(args: argparse.Namespace) -> int:
     registries = _registries()
     if args.json:
         data = {
-            r.kind: [{"name": e.name, "reference": e.reference, "summary": e.summary} for e in r]
-            for r in registries
+            r.kind: [{"name": e.name, "reference": e.reference, "summary": e.summary} for e in r] for r in registries
         }
         print(json.dumps(data, indent=2, sort_keys=True))
         return 0

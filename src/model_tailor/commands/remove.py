@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..apply import remove_patches
-from .apply import add_output_options
+from model_tailor.commands.apply import add_output_options
+from model_tailor.patch.apply import remove_patches
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -15,9 +15,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Pass the same patches, --policy and --weights as to `apply`.",
     )
     p.add_argument("--model", required=True, help="patched checkpoint folder or .safetensors file")
-    p.add_argument(
-        "--patch", required=True, nargs="+", metavar="FILE", help="patch file(s) that were applied"
-    )
+    p.add_argument("--patch", required=True, nargs="+", metavar="FILE", help="patch file(s) that were applied")
     add_output_options(p, force_help="remove even if the model's tensors do not match")
     p.set_defaults(func=run)
 

@@ -8,8 +8,8 @@ import logging
 import sys
 from typing import Any
 
-from ..config import TailorConfig
-from ..pipeline import plan_tailor, run_tailor
+from model_tailor.config import TailorConfig
+from model_tailor.pipeline.run import plan_tailor, run_tailor
 
 logger = logging.getLogger(__name__)
 
@@ -58,16 +58,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--config", help="YAML file with the same fields as the flags (unknown keys are an error)")
     p.add_argument("--base", help="pre-trained model folder")
-    p.add_argument(
-        "--finetuned", help="fine-tuned model folder (its tokenizer/processor render the calibration)"
-    )
-    p.add_argument(
-        "--calibration", help="JSONL of target-task records: text | prompt/response | messages (+image)"
-    )
+    p.add_argument("--finetuned", help="fine-tuned model folder (its tokenizer/processor render the calibration)")
+    p.add_argument("--calibration", help="JSONL of target-task records: text | prompt/response | messages (+image)")
     p.add_argument("--out", help="patch file to write (.safetensors); the report goes to <out>.report.json")
-    p.add_argument(
-        "--save-model", dest="save_model", help="also write the full tailored model to this folder"
-    )
+    p.add_argument("--save-model", dest="save_model", help="also write the full tailored model to this folder")
     p.add_argument("--density", type=float, help="fraction of the delta kept (default 0.1)")
     p.add_argument("--alpha", type=float, help="fusion weight of salience vs sensitivity (default 0.8)")
     p.add_argument("--granularity", choices=("block", "row", "tensor", "global"))
@@ -108,9 +102,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         type=int,
         help="--save-model shard size; peak memory while saving holds one shard (default 2e9)",
     )
-    p.add_argument(
-        "--overwrite", action="store_true", default=None, help="replace an existing --save-model folder"
-    )
+    p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing --save-model folder")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit before any heavy work")
     p.add_argument("--quiet", action="store_true", help="no progress bars and no summary")
     p.set_defaults(func=run)
@@ -129,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
         print(plan_tailor(cfg).to_text())
         return 0
     if cfg.out is None and cfg.save_model is None:
-        from ..errors import ConfigError
+        from model_tailor.errors import ConfigError
 
         raise ConfigError("nothing to write: pass --out PATCH (and/or --save-model DIR)")
     result = run_tailor(cfg, progress=not args.quiet and sys.stderr.isatty())

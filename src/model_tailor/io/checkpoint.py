@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..errors import CheckpointError, ShapeMismatchError
+from model_tailor.errors import CheckpointError, ShapeMismatchError
 
 logger = logging.getLogger(__name__)
 

@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .combine import COMBINE, CombineReport, combine_patches
-from .errors import CheckpointError, PatchFormatError
-from .fingerprint import compare_fingerprint, structure_hash, tensor_hash
-from .io.checkpoint import CheckpointReader, CheckpointWriter
-from .io.patch_file import load_patch
-from .patch import SparsePatch, current_versions, dtype_from_name, utc_now
+from model_tailor.errors import CheckpointError, PatchFormatError
+from model_tailor.io.checkpoint import CheckpointReader, CheckpointWriter
+from model_tailor.patch.combine import COMBINE, CombineReport, combine_patches
+from model_tailor.patch.fingerprint import compare_fingerprint, structure_hash, tensor_hash
+from model_tailor.patch.format import load_patch
+from model_tailor.patch.model import SparsePatch, current_versions, dtype_from_name, utc_now
 
 logger = logging.getLogger(__name__)
 
@@ -233,9 +233,7 @@ def remove_patches(
                 )
         patch, report = _merge(loaded, policy, weights, force)
         provenance = _provenance("remove", reader.path, loaded, policy, report)
-        mismatched = _stream(
-            reader, out, patch, remove=True, max_shard_bytes=max_shard_bytes, provenance=provenance
-        )
+        mismatched = _stream(reader, out, patch, remove=True, max_shard_bytes=max_shard_bytes, provenance=provenance)
     if mismatched:
         logger.warning("%d restored tensor(s) differ from the base bytes (fp32 rounding?): %s",
                        len(mismatched),

@@ -33,10 +33,10 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from .. import __version__
-from ..errors import ConfigError, PatchFormatError
-from ..patch import PatchMetadata, SparsePatch, TensorPatch, current_versions, index_problem, utc_now
-from .atomic import atomic_path
+from model_tailor import __version__
+from model_tailor.errors import ConfigError, PatchFormatError
+from model_tailor.io.atomic import atomic_path
+from model_tailor.patch.model import PatchMetadata, SparsePatch, TensorPatch, current_versions, index_problem, utc_now
 
 logger = logging.getLogger(__name__)
 
@@ -94,9 +94,7 @@ def patch_metadata_strings(patch: SparsePatch) -> dict[str, str]:
     return dict(sorted(strings.items()))
 
 
-def save_patch(
-    patch: SparsePatch, path: str | os.PathLike[str], *, value_dtype: torch.dtype = torch.float32
-) -> Path:
+def save_patch(patch: SparsePatch, path: str | os.PathLike[str], *, value_dtype: torch.dtype = torch.float32) -> Path:
     """Write ``patch`` to ``path`` atomically (temporary file, fsync, rename).
 
     Args:
@@ -109,9 +107,7 @@ def save_patch(
         The path written.
     """
     if value_dtype not in _VALUE_DTYPES:
-        raise ConfigError(
-            f"value_dtype {value_dtype} is not supported; use torch.float32, bfloat16 or float16"
-        )
+        raise ConfigError(f"value_dtype {value_dtype} is not supported; use torch.float32, bfloat16 or float16")
     metadata = patch_metadata_strings(patch)
     tensors = _file_tensors(patch, value_dtype)
     order = sorted(tensors, key=lambda key: (-tensors[key].element_size(), key))
@@ -156,17 +152,13 @@ def _read_container(path: Path) -> tuple[dict[str, str], dict[str, Tensor]]:
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except Exception as err:  # safetensors raises its own types for bad headers and short files
         reason = " ".join(str(err).split())[:200]
-        raise _fail(
-            path, f"not a safetensors file, or truncated ({reason}); re-create it with save_patch"
-        ) from None
+        raise _fail(path, f"not a safetensors file, or truncated ({reason}); re-create it with save_patch") from None
     return metadata, tensors
 
 
 def _parse_metadata(path: Path, raw: dict[str, str]) -> PatchMetadata:
     if raw.get("format") != FORMAT_NAME:
-        raise _fail(
-            path, f"format is {raw.get('format')!r}, expected {FORMAT_NAME!r}; this is not a patch file"
-        )
+        raise _fail(path, f"format is {raw.get('format')!r}, expected {FORMAT_NAME!r}; this is not a patch file")
     version = raw.get("format_version", "")
     major = version.split(".")[0]
     if not major.isdigit():
@@ -200,9 +192,7 @@ def _parse_metadata(path: Path, raw: dict[str, str]) -> PatchMetadata:
     if not isinstance(shapes, dict) or not all(
         isinstance(s, list) and all(isinstance(d, int) and d >= 0 for d in s) for s in shapes.values()
     ):
-        raise _fail(
-            path, "metadata 'shapes' must map names to lists of non-negative ints; the file is corrupt"
-        )
+        raise _fail(path, "metadata 'shapes' must map names to lists of non-negative ints; the file is corrupt")
     return PatchMetadata(
         shapes=shapes,
         base_dtypes=parsed.get("base_dtypes") or {},
@@ -223,27 +213,19 @@ def _check_finite(path: Path, key: str, tensor: Tensor) -> None:
         raise _fail(path, f"{key!r} holds {bad} NaN/Inf value(s); re-create the patch from finite weights")
 
 
-def _build_tensor(
-    path: Path, name: str, shape: list[int], parts: dict[str, Tensor], major: int
-) -> TensorPatch:
+def _build_tensor(path: Path, name: str, shape: list[int], parts: dict[str, Tensor], major: int) -> TensorPatch:
     if "indices" not in parts or "values" not in parts:
         missing = "indices" if "indices" not in parts else "values"
-        raise _fail(
-            path, f"tensor {name!r} has no '{missing}/{name}' entry; the file is corrupt, re-create it"
-        )
+        raise _fail(path, f"tensor {name!r} has no '{missing}/{name}' entry; the file is corrupt, re-create it")
     idx, val = parts["indices"], parts["values"]
     if idx.dtype not in (torch.int32, torch.int64):
         raise _fail(path, f"'indices/{name}' has dtype {idx.dtype}, expected int32 or int64")
     if val.dtype not in _VALUE_DTYPES:
         raise _fail(path, f"'values/{name}' has dtype {val.dtype}, expected float32, bfloat16 or float16")
     if idx.dim() != 1 or val.dim() != 1:
-        raise _fail(
-            path, f"tensor {name!r}: indices/values must be 1-D, got {list(idx.shape)}/{list(val.shape)}"
-        )
+        raise _fail(path, f"tensor {name!r}: indices/values must be 1-D, got {list(idx.shape)}/{list(val.shape)}")
     if idx.numel() != val.numel():
-        raise _fail(
-            path, f"tensor {name!r}: {idx.numel()} indices but {val.numel()} values; the file is corrupt"
-        )
+        raise _fail(path, f"tensor {name!r}: {idx.numel()} indices but {val.numel()} values; the file is corrupt")
     numel = math.prod(shape)
     problem = index_problem(idx.to(torch.int64), numel)
     if problem:
@@ -292,9 +274,7 @@ def load_patch(path: str | os.PathLike[str]) -> SparsePatch:
         grouped.setdefault(name, {})[prefix] = tensor
     for name in sorted(grouped):
         if name not in meta.shapes:
-            raise _fail(
-                file, f"tensor {name!r} has no entry in metadata 'shapes'; the file is corrupt, re-create it"
-            )
+            raise _fail(file, f"tensor {name!r} has no entry in metadata 'shapes'; the file is corrupt, re-create it")
     tensors = {name: _build_tensor(file, name, meta.shapes[name], grouped.get(name, {}), major)
                for name in sorted(meta.shapes)}  # fmt: skip
     return SparsePatch(tensors, meta)

@@ -15,8 +15,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from .errors import CheckpointError
-from .patch import dtype_name
+from model_tailor.errors import CheckpointError
+from model_tailor.patch.model import dtype_name
 
 logger = logging.getLogger(__name__)
 
@@ -108,9 +108,7 @@ def compare_fingerprint(expected: Mapping[str, Any], source: Source) -> list[str
     structure = _structure(source)
     if expected.get("structure") != structure_hash(source):
         n_expected = expected.get("num_tensors", "?")
-        problems.append(
-            f"tensor names/shapes/dtypes differ ({n_expected} tensors expected, {len(structure)} found)"
-        )
+        problems.append(f"tensor names/shapes/dtypes differ ({n_expected} tensors expected, {len(structure)} found)")
     for name, digest in sorted(dict(expected.get("content") or {}).items()):
         if not _contains(source, name):
             problems.append(f"tensor {name!r} is missing")

@@ -85,9 +85,7 @@ def zscore_rows(A: torch.Tensor) -> torch.Tensor:
     sigma = A.std(dim=-1, unbiased=True, keepdim=True)
     spread = sigma > 0
     # The official code divides by sigma = 0 and gets NaN, which silently keeps whole blocks (METHOD §6).
-    return torch.where(
-        spread, (A - mu) / torch.where(spread, sigma, torch.ones_like(sigma)), torch.zeros_like(A)
-    )
+    return torch.where(spread, (A - mu) / torch.where(spread, sigma, torch.ones_like(sigma)), torch.zeros_like(A))
 
 
 def fuse_scores(sal: torch.Tensor, sens: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -104,9 +102,7 @@ def fuse_scores(sal: torch.Tensor, sens: torch.Tensor, alpha: float) -> torch.Te
     if not 0.0 <= alpha <= 1.0:
         raise ConfigError(f"fuse_scores: alpha must be in [0, 1], got {alpha}")
     if sal.shape != sens.shape:
-        raise ShapeMismatchError(
-            f"fuse_scores: salience {tuple(sal.shape)} != sensitivity {tuple(sens.shape)}"
-        )
+        raise ShapeMismatchError(f"fuse_scores: salience {tuple(sal.shape)} != sensitivity {tuple(sens.shape)}")
     if alpha == 1.0:
         return zscore_rows(sal)
     if alpha == 0.0:

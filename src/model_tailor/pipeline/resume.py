@@ -19,8 +19,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .io.atomic import atomic_path
-from .streaming import SparseValues
+from model_tailor.io.atomic import atomic_path
+from model_tailor.pipeline.weights import SparseValues
 
 logger = logging.getLogger(__name__)
 
@@ -29,11 +29,7 @@ __all__ = ["WorkDir", "run_key"]
 
 def _file_stamp(path: Path) -> list[Any]:
     files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
-    return [
-        [p.name, p.stat().st_size, p.stat().st_mtime_ns]
-        for p in files
-        if p.suffix in (".safetensors", ".json")
-    ]
+    return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files if p.suffix in (".safetensors", ".json")]
 
 
 def run_key(

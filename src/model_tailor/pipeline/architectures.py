@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import CheckpointError
+from model_tailor.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -174,16 +174,12 @@ def build_skeleton(config_dir: str) -> nn.Module:
     try:
         config = AutoConfig.from_pretrained(config_dir)
     except (OSError, ValueError) as err:
-        raise CheckpointError(
-            f"{config_dir}: config.json cannot be read as a transformers config ({err})"
-        ) from None
+        raise CheckpointError(f"{config_dir}: config.json cannot be read as a transformers config ({err})") from None
     arch = (getattr(config, "architectures", None) or [None])[0]
     cls = getattr(transformers, arch, None) if arch else None
     if cls is None:
         cls = transformers.AutoModelForCausalLM
-        logger.warning(
-            "%s: architecture %r unknown to transformers; using AutoModelForCausalLM", config_dir, arch
-        )
+        logger.warning("%s: architecture %r unknown to transformers; using AutoModelForCausalLM", config_dir, arch)
     try:
         from transformers.initialization import no_init_weights
     except ImportError:  # pragma: no cover - older transformers

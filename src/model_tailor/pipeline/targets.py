@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .architectures import TARGET_ROLES, ModelLayout, is_conv1d, linear_modules
-from .errors import NumericalError
+from model_tailor.errors import NumericalError
+from model_tailor.pipeline.architectures import TARGET_ROLES, ModelLayout, is_conv1d, linear_modules
 
 RELEASE_EVERY = 16  # tensors read between unmappings of the shard files
 
@@ -104,9 +104,7 @@ def diff_checkpoints(base, finetuned, names: Iterable[str]) -> DiffSummary:  # n
     base.close()
     finetuned.close()
     if bad:
-        raise NumericalError(
-            f"NaN or Inf weights in: {', '.join(bad)}; the checkpoints are corrupt or diverged"
-        )
+        raise NumericalError(f"NaN or Inf weights in: {', '.join(bad)}; the checkpoints are corrupt or diverged")
     return DiffSummary(frozenset(changed), identical)
 
 
@@ -170,8 +168,6 @@ def select_targets(
         if policy == "tailor" and (linear is None or where is not None):
             action = "reset"  # only Linears outside blocks can be tailored without calibration through them
             reason += "; tailor policy applies to Linears outside blocks only"
-        non_targets.append(
-            NonTarget(ck, action, reason, linear[0] if linear else "", bool(linear and linear[1]))
-        )
+        non_targets.append(NonTarget(ck, action, reason, linear[0] if linear else "", bool(linear and linear[1])))
     blocks = tuple(dict.fromkeys((t.block_list, t.block) for t in targets))
     return TargetPlan(tuple(targets), tuple(non_targets), diff.identical, blocks)

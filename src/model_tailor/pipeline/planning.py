@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from .architectures import ModelLayout
-from .config import TailorConfig
-from .report import TailorPlan
-from .targets import TargetPlan
+from model_tailor.config import TailorConfig
+from model_tailor.pipeline.architectures import ModelLayout
+from model_tailor.pipeline.report import TailorPlan
+from model_tailor.pipeline.targets import TargetPlan
 
 __all__ = ["estimate_plan"]
 

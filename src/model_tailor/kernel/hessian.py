@@ -101,8 +101,7 @@ class HessianAccumulator:
         """
         if x.shape[-1] != self.columns:
             raise ShapeMismatchError(
-                f"{self.name or 'HessianAccumulator'}: input has {x.shape[-1]} features, "
-                f"expected {self.columns}"
+                f"{self.name or 'HessianAccumulator'}: input has {x.shape[-1]} features, expected {self.columns}"
             )
         rows = x.reshape(-1, self.columns)
         if token_mask is not None:
@@ -144,9 +143,7 @@ class DampedFactor:
 
 def _check_square(H: torch.Tensor, name: str | None) -> None:
     if H.ndim != 2 or H.shape[0] != H.shape[1]:
-        raise ShapeMismatchError(
-            f"{name or 'hessian'}: Hessian must be square (cols, cols), got {tuple(H.shape)}"
-        )
+        raise ShapeMismatchError(f"{name or 'hessian'}: Hessian must be square (cols, cols), got {tuple(H.shape)}")
 
 
 def _check_finite(t: torch.Tensor, what: str, name: str | None) -> None:
@@ -181,9 +178,7 @@ def factor_hessian(H: torch.Tensor, *, percdamp: float = 0.01, name: str | None 
     cols = H.shape[0]
     diag = torch.diagonal(H)
     dead = diag == 0
-    diag[dead] = (
-        1.0  # METHOD §3: dead inputs; unlike SparseGPT we do NOT zero W[:, j] (it would drop patch values)
-    )
+    diag[dead] = 1.0  # METHOD §3: dead inputs; unlike SparseGPT we do NOT zero W[:, j] (it would drop patch values)
     mean_diag = float(diag.mean())
     lam = percdamp * mean_diag
     idx = torch.arange(cols, device=H.device)
@@ -202,9 +197,7 @@ def factor_hessian(H: torch.Tensor, *, percdamp: float = 0.01, name: str | None 
                 U = torch.linalg.solve_triangular(L_rev, eye, upper=False).flip(0, 1)
                 if bool(torch.isfinite(U).all()):
                     if attempt:
-                        logger.warning(
-                            "%s: Cholesky needed damping %.3g after %d retries", name, lam, attempt
-                        )
+                        logger.warning("%s: Cholesky needed damping %.3g after %d retries", name, lam, attempt)
                     return DampedFactor(H_damped=H_damped, U=U, lam=lam, retries=attempt)
             # lam == 0 (percdamp = 0) cannot grow by x10: start the retries from the default relative damping.
             lam = lam * 10 if lam != 0 else 0.01 * mean_diag
@@ -216,9 +209,7 @@ def factor_hessian(H: torch.Tensor, *, percdamp: float = 0.01, name: str | None 
     )
 
 
-def damped_cholesky_inverse(
-    H: torch.Tensor, *, percdamp: float = 0.01, name: str | None = None
-) -> torch.Tensor:
+def damped_cholesky_inverse(H: torch.Tensor, *, percdamp: float = 0.01, name: str | None = None) -> torch.Tensor:
     """Upper Cholesky factor ``U`` of the damped inverse, ``H_tilde^{-1} = U^T U`` (METHOD §3).
 
     Row ``j`` of ``U`` is the inverse Hessian of the still-free columns ``F_j = {j, ..., cols-1}``:

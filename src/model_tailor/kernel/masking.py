@@ -83,9 +83,7 @@ def _top_k_flat(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _warn_empty(what: str, density: float) -> None:
-    msg = (
-        f"density {density} keeps 0 entries in at least one {what} group; that group reverts entirely to base"
-    )
+    msg = f"density {density} keeps 0 entries in at least one {what} group; that group reverts entirely to base"
     # warnings.warn, not a log line: the default filter shows it once per call site, where per-block adaptive
     # selection would otherwise log it for every block.
     warnings.warn(msg, stacklevel=3)
@@ -113,8 +111,7 @@ def select_keep_mask(
     _check_density(density)
     if granularity not in GRANULARITIES:
         raise ConfigError(
-            f"granularity must be one of {GRANULARITIES} (or use select_keep_masks_global), "
-            f"got {granularity!r}"
+            f"granularity must be one of {GRANULARITIES} (or use select_keep_masks_global), got {granularity!r}"
         )
     if scores.ndim != 2:
         raise ConfigError(f"select_keep_mask: scores must be 2-D (rows, cols), got {tuple(scores.shape)}")

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 
 from model_tailor.errors import ConfigError, ShapeMismatchError
-from model_tailor.hessian import DampedFactor, factor_hessian, fp32_precision
+from model_tailor.kernel.hessian import DampedFactor, factor_hessian, fp32_precision
 
 __all__ = [
     "COMPENSATIONS",
@@ -48,16 +48,12 @@ class SweepResult(NamedTuple):
 
 def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     """fp64 if any input is fp64 (oracle tests), else fp32 (METHOD §3, D13)."""
-    return (
-        torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
-    )
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def _check_same_shape(a: torch.Tensor, b: torch.Tensor, what_a: str, what_b: str) -> None:
     if a.shape != b.shape:
-        raise ShapeMismatchError(
-            f"{what_a} {tuple(a.shape)} and {what_b} {tuple(b.shape)} must have the same shape"
-        )
+        raise ShapeMismatchError(f"{what_a} {tuple(a.shape)} and {what_b} {tuple(b.shape)} must have the same shape")
 
 
 def obs_sweep(
@@ -223,9 +219,7 @@ def exact_compensation(
     _check_same_shape(keep_mask, base, "keep_mask", "base")
     cols = base.shape[1]
     if H_damped.shape != (cols, cols):
-        raise ShapeMismatchError(
-            f"exact_compensation: H must be ({cols}, {cols}), got {tuple(H_damped.shape)}"
-        )
+        raise ShapeMismatchError(f"exact_compensation: H must be ({cols}, {cols}), got {tuple(H_damped.shape)}")
     dtype = compute_dtype(T0, base, H_damped)
     device = H_damped.device
     H = H_damped.to(dtype=dtype)
@@ -332,7 +326,5 @@ def compensate(
     factor = None
     if compensation != "none":
         factor = factor_hessian(hessian.to(base.device), percdamp=percdamp, name=name)
-    W = compensate_with_factor(
-        base, start, keep_mask, factor, compensation=compensation, block_size=block_size
-    )
+    W = compensate_with_factor(base, start, keep_mask, factor, compensation=compensation, block_size=block_size)
     return torch.where(keep_mask, W.to(base.dtype), base)

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import ConfigError
-from .registry import Registry
+from model_tailor.errors import ConfigError
+from model_tailor.registry import Registry
 
 __all__ = [
     "BASELINES",

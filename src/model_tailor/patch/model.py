@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .errors import CheckpointError, NumericalError, PatchFormatError, ShapeMismatchError
+from model_tailor.errors import CheckpointError, NumericalError, PatchFormatError, ShapeMismatchError
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ _LAYER_RE = re.compile(r"^(.*?\.\d+)\.")
 
 def current_versions() -> dict[str, str]:
     """Versions of model-tailor and the libraries that shape a patch (recorded in every patch file)."""
-    from . import __version__
+    from model_tailor import __version__
 
     # The package's own version comes from the source, so it is recorded even when run from a checkout.
     versions: dict[str, str] = {"model-tailor": __version__}
@@ -103,16 +103,12 @@ class TensorPatch:
                 f"patch {self.name!r}: {idx.numel()} indices but {val.numel()} values; they must pair up"
             )
         if idx.dtype.is_floating_point or idx.dtype == torch.bool:
-            raise PatchFormatError(
-                f"patch {self.name!r}: indices have dtype {idx.dtype}; use an integer dtype"
-            )
+            raise PatchFormatError(f"patch {self.name!r}: indices have dtype {idx.dtype}; use an integer dtype")
         object.__setattr__(self, "indices", idx.detach().to("cpu", torch.int64).contiguous())
         object.__setattr__(self, "values", val.detach().to("cpu", torch.float32).contiguous())
         problem = index_problem(self.indices, self.numel)
         if problem:
-            raise PatchFormatError(
-                f"patch {self.name!r}: indices {problem}; build patches with TensorPatch.from_dense"
-            )
+            raise PatchFormatError(f"patch {self.name!r}: indices {problem}; build patches with TensorPatch.from_dense")
         if self.lowrank is not None:
             a, b = (t.detach().to("cpu", torch.float32).contiguous() for t in self.lowrank)
             if len(self.shape) != 2 or a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
@@ -142,9 +138,7 @@ class TensorPatch:
         """
         d = delta.detach().to("cpu", torch.float32)
         if not torch.isfinite(d).all():
-            raise NumericalError(
-                f"delta of {name!r} holds NaN or Inf; check the fine-tuned weights", layer=name
-            )
+            raise NumericalError(f"delta of {name!r} holds NaN or Inf; check the fine-tuned weights", layer=name)
         flat = d.reshape(-1)
         if keep_mask is None:
             idx = torch.nonzero(flat, as_tuple=False).reshape(-1)
@@ -154,16 +148,12 @@ class TensorPatch:
                     f"keep_mask of {name!r} has shape {list(keep_mask.shape)}, delta has {list(d.shape)}"
                 )
             if keep_mask.dtype != torch.bool:
-                raise PatchFormatError(
-                    f"keep_mask of {name!r} has dtype {keep_mask.dtype}; pass a bool tensor"
-                )
+                raise PatchFormatError(f"keep_mask of {name!r} has dtype {keep_mask.dtype}; pass a bool tensor")
             idx = torch.nonzero(keep_mask.detach().to("cpu").reshape(-1), as_tuple=False).reshape(-1)
         return cls(name, tuple(d.shape), idx, flat[idx].clone())
 
     @classmethod
-    def from_weights(
-        cls, name: str, base: Tensor, tailored: Tensor, keep_mask: Tensor | None = None
-    ) -> TensorPatch:
+    def from_weights(cls, name: str, base: Tensor, tailored: Tensor, keep_mask: Tensor | None = None) -> TensorPatch:
         """Build a patch from base and tailored weights (``delta = tailored - base`` in fp32).
 
         Pass ``tailored`` already cast to the base dtype: the fp32 difference of two bf16/fp16 values is then
@@ -354,14 +344,10 @@ class SparsePatch:
 
     def _entry(self, state_dict: dict[str, Tensor], name: str) -> Tensor:
         if name not in state_dict:
-            raise CheckpointError(
-                f"patch tensor {name!r} is missing from the model; the patch is for another model"
-            )
+            raise CheckpointError(f"patch tensor {name!r} is missing from the model; the patch is for another model")
         return state_dict[name]
 
-    def apply_to_state_dict(
-        self, state_dict: dict[str, Tensor], *, inplace: bool = False
-    ) -> dict[str, Tensor]:
+    def apply_to_state_dict(self, state_dict: dict[str, Tensor], *, inplace: bool = False) -> dict[str, Tensor]:
         """Return ``state_dict`` with every patch added (base dtypes kept); ``inplace`` updates it."""
         for name in self.tensors:  # check all names before changing anything
             self.tensors[name]._check_shape(self._entry(state_dict, name))
@@ -370,9 +356,7 @@ class SparsePatch:
             out[name] = tp.apply(state_dict[name])
         return out
 
-    def remove_from_state_dict(
-        self, state_dict: dict[str, Tensor], *, inplace: bool = False
-    ) -> dict[str, Tensor]:
+    def remove_from_state_dict(self, state_dict: dict[str, Tensor], *, inplace: bool = False) -> dict[str, Tensor]:
         """Inverse of ``apply_to_state_dict``: subtract every patch (dtypes from ``metadata.base_dtypes``)."""
         for name in self.tensors:
             self.tensors[name]._check_shape(self._entry(state_dict, name))

@@ -21,29 +21,23 @@ from typing import Any
 
 import torch
 
-from .architectures import ModelLayout, build_skeleton, checkpoint_names, discover_layout
-from .calibration.capture import replace_hidden, run_block
-from .calibration.data import CalibrationSet, build_calibration, read_records
-from .config import TailorConfig
-from .errors import CheckpointError, ConfigError
-from .io.checkpoint import CheckpointReader, check_compatible
-from .masking import select_keep_masks_global
-from .outputs import build_patch, calibration_info, write_outputs
-from .patch import SparsePatch
-from .planning import estimate_plan
-from .preserve_stream import (
-    PreserveData,
-    Stream,
-    accumulate,
-    capture_stream,
-    load_preserve,
-    reaching_batches,
-    tailor_tensor,
-)
-from .report import LayerReport, TailorPlan, TailorReport
-from .resume import WorkDir, run_key
-from .streaming import Materializer, SparseValues, WeightSource
-from .targets import RELEASE_EVERY, TargetParam, TargetPlan, diff_checkpoints, select_targets
+from model_tailor.calibration.capture import replace_hidden, run_block
+from model_tailor.calibration.data import CalibrationSet, build_calibration, read_records
+from model_tailor.config import TailorConfig
+from model_tailor.errors import CheckpointError, ConfigError
+from model_tailor.io.checkpoint import CheckpointReader, check_compatible
+from model_tailor.kernel.masking import select_keep_masks_global
+from model_tailor.patch.model import SparsePatch
+from model_tailor.pipeline.activations import Stream, accumulate, capture_stream, reaching_batches
+from model_tailor.pipeline.adapter import tailor_tensor
+from model_tailor.pipeline.architectures import ModelLayout, build_skeleton, checkpoint_names, discover_layout
+from model_tailor.pipeline.outputs import build_patch, calibration_info, write_outputs
+from model_tailor.pipeline.planning import estimate_plan
+from model_tailor.pipeline.preserve import PreserveData, load_preserve
+from model_tailor.pipeline.report import LayerReport, TailorPlan, TailorReport
+from model_tailor.pipeline.resume import WorkDir, run_key
+from model_tailor.pipeline.targets import RELEASE_EVERY, TargetParam, TargetPlan, diff_checkpoints, select_targets
+from model_tailor.pipeline.weights import Materializer, SparseValues, WeightSource
 
 logger = logging.getLogger(__name__)
 
@@ -76,9 +70,7 @@ def _prepare(cfg: TailorConfig) -> _Prepared:
     keys = ("model_type", "architectures")
     if bcfg and fcfg and any(bcfg.get(k) != fcfg.get(k) for k in keys):
         diffs = ", ".join(
-            f"{k}: base {bcfg.get(k)!r} vs finetuned {fcfg.get(k)!r}"
-            for k in keys
-            if bcfg.get(k) != fcfg.get(k)
+            f"{k}: base {bcfg.get(k)!r} vs finetuned {fcfg.get(k)!r}" for k in keys if bcfg.get(k) != fcfg.get(k)
         )
         raise CheckpointError(f"base and finetuned are different architectures ({diffs})")
     check_compatible(base, ft)
@@ -162,14 +154,11 @@ class _Runner:
         logger.warning("%s", msg)
         self.warnings.append(msg)
 
-    def _tailor_target(
-        self, t: TargetParam, H: torch.Tensor | None, H_o: torch.Tensor | None = None
-    ) -> dict[str, Any]:
+    def _tailor_target(self, t: TargetParam, H: torch.Tensor | None, H_o: torch.Tensor | None = None) -> dict[str, Any]:
         base, ft = self.source.base.get(t.name), self.source.finetuned.get(t.name)
         if H is None and not self.cfg.data_free:
             self._warn(
-                f"{t.name}: received no calibration tokens; tailored data-free (salience only, uncompensated, "
-                "sparse)"
+                f"{t.name}: received no calibration tokens; tailored data-free (salience only, uncompensated, sparse)"
             )
         elif H_o is None and self.preserve is not None:
             self._warn(f"{t.name}: received no preserve tokens; tailored without the preserve term")
@@ -191,9 +180,7 @@ class _Runner:
         for i, t in enumerate(self.prep.plan.targets):
             if i % RELEASE_EVERY == 0:
                 self.source.release()
-            scores[t.name] = (
-                self.source.finetuned.get(t.name).float() - self.source.base.get(t.name).float()
-            ).abs()
+            scores[t.name] = (self.source.finetuned.get(t.name).float() - self.source.base.get(t.name).float()).abs()
         self.keep_masks = select_keep_masks_global(scores, self.cfg.density)
 
     def resume(self, out: Path) -> None:
@@ -342,9 +329,7 @@ def run_tailor(cfg: TailorConfig, *, progress: bool = False) -> TailorResult:
     """
     seconds: dict[str, float] = {}
     if cfg.save_model is not None and Path(cfg.save_model).exists() and not cfg.overwrite:
-        raise CheckpointError(
-            f"--save-model {str(cfg.save_model)!r} already exists; remove it or pass --overwrite"
-        )
+        raise CheckpointError(f"--save-model {str(cfg.save_model)!r} already exists; remove it or pass --overwrite")
     prep = _prepare(cfg)
     seconds["load_and_diff"] = prep.seconds
     plan_view = estimate_plan(prep.model, prep.layout, prep.plan, prep.base, cfg, None)

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model_tailor.compensation import (
+from model_tailor.errors import ConfigError, NumericalError, ShapeMismatchError
+from model_tailor.kernel.compensation import (
     COMPENSATIONS,
     compensate,
     compute_dtype,
@@ -20,11 +21,10 @@ from model_tailor.compensation import (
     obs_sweep,
     reconstruction_error,
 )
-from model_tailor.errors import ConfigError, NumericalError, ShapeMismatchError
-from model_tailor.hessian import DampedFactor, factor_hessian, fp32_precision
-from model_tailor.masking import GRANULARITIES, keep_count, select_keep_mask
-from model_tailor.scoring import SENSITIVITY_KINDS, fuse_scores, salience
-from model_tailor.scoring import sensitivity as compute_sensitivity
+from model_tailor.kernel.hessian import DampedFactor, factor_hessian, fp32_precision
+from model_tailor.kernel.masking import GRANULARITIES, keep_count, select_keep_mask
+from model_tailor.kernel.scoring import SENSITIVITY_KINDS, fuse_scores, salience
+from model_tailor.kernel.scoring import sensitivity as compute_sensitivity
 
 __all__ = ["TailorStats", "TailoredWeight", "compensate", "tailor_weight"]
 
@@ -47,7 +47,7 @@ class TailorStats:
             without H).
         error_compensated: the same for the decorated weights (equals ``error_masked`` for "none").
         used: ``"compensated"``, ``"masked"`` (the guard kept the masked result, D4), ``"none"`` (nothing to
-            decorate) or ``"lowrank"`` (a low-rank-only patch, :mod:`model_tailor.preserve`).
+            decorate) or ``"lowrank"`` (a low-rank-only patch, :mod:`model_tailor.kernel.structure`).
         compensation: the requested mode (``obs``, ``official``, ``none``, ``exact``).
         mask_timing: how the mask was chosen: ``adaptive``, ``upfront`` or ``fixed`` (``keep_mask`` given).
         damping: the damping lam that factorised (None without H).
@@ -115,16 +115,12 @@ def _validate(base, finetuned, hessian, target, keep_mask, name) -> None:  # noq
         raise ShapeMismatchError(f"{label}: base must be 2-D (rows, cols), got {tuple(base.shape)}")
     for what, t in (("finetuned", finetuned), ("target", target), ("keep_mask", keep_mask)):
         if t is not None and t.shape != base.shape:
-            raise ShapeMismatchError(
-                f"{label}: {what} shape {tuple(t.shape)} != base shape {tuple(base.shape)}"
-            )
+            raise ShapeMismatchError(f"{label}: {what} shape {tuple(t.shape)} != base shape {tuple(base.shape)}")
     cols = base.shape[1]
     if hessian is not None and tuple(hessian.shape) != (cols, cols):
         raise ShapeMismatchError(f"{label}: hessian must be ({cols}, {cols}), got {tuple(hessian.shape)}")
     if keep_mask is not None and keep_mask.dtype != torch.bool:
-        raise ConfigError(
-            f"{label}: keep_mask must be torch.bool (True = in the patch), got {keep_mask.dtype}"
-        )
+        raise ConfigError(f"{label}: keep_mask must be torch.bool (True = in the patch), got {keep_mask.dtype}")
     for what, t in (("base", base), ("finetuned", finetuned), ("hessian", hessian), ("target", target)):
         if t is not None and not bool(torch.isfinite(t).all()):
             raise NumericalError(f"{label}: {what} contains NaN or Inf", layer=name)
@@ -171,7 +167,7 @@ def tailor_weight(
         keep_mask: ``(rows, cols)`` bool fixed mask (True = in the patch); skips scoring.
         target: ``(rows, cols)`` reconstruction target T (default ``finetuned``): the loss is
             ``||(W - T) X||^2`` and kept entries start from T (preserve-aware variant,
-            :mod:`model_tailor.preserve`).
+            :mod:`model_tailor.kernel.structure`).
         name: parameter name for errors, logs and stats.
         salience_from: ``"delta"`` (|finetuned - base|, §4) or ``"target"`` (|target - base|).
 
@@ -208,9 +204,7 @@ def tailor_weight(
     trivial = all_kept or no_delta
     needs_h = not trivial and (compensation != "none" or (keep_mask is None and alpha < 1.0))
     if hessian is None and needs_h:
-        raise ConfigError(
-            f"{name or 'tensor'}: compensation={compensation!r} with alpha={alpha} needs a Hessian"
-        )
+        raise ConfigError(f"{name or 'tensor'}: compensation={compensation!r} with alpha={alpha} needs a Hessian")
 
     with fp32_precision():
         factor: DampedFactor | None = None
@@ -221,9 +215,7 @@ def tailor_weight(
         sweeps = compensation in ("obs", "official")
         timing = "fixed" if keep_mask is not None else mask_timing
         if timing == "adaptive" and (granularity != "block" or not sweeps):
-            logger.info(
-                "%s: mask_timing=adaptive needs the sweep and block groups; choosing the mask upfront", name
-            )
+            logger.info("%s: mask_timing=adaptive needs the sweep and block groups; choosing the mask upfront", name)
             timing = "upfront"
 
         sal_src = T if salience_from == "target" else finetuned.to(device=device, dtype=dtype)
@@ -266,9 +258,7 @@ def tailor_weight(
         error_masked = error_comp = None
         if factor is not None:
             error_masked = reconstruction_error(W_masked, T, factor.H_damped)
-            error_comp = (
-                error_masked if compensation == "none" else reconstruction_error(W_comp, T, factor.H_damped)
-            )
+            error_comp = error_masked if compensation == "none" else reconstruction_error(W_comp, T, factor.H_damped)
         elif trivial:
             error_masked = error_comp = 0.0
         used = "none" if compensation == "none" or trivial else "compensated"

@@ -1,4 +1,10 @@
-"""Hessians of one block's target linears, one accumulator per distinct input (METHOD §3 "Shared statistics").
+"""Activation streams through a block list and the per-block Hessians they give.
+
+A :class:`Stream` is the recorded call (inputs and every keyword argument) of each calibration batch at one block,
+with its token masks; :func:`capture_stream` records it at a block list's first targeted block, :func:`accumulate`
+runs one block over it with Hessian hooks (and, optionally, yields the next block's stream from the same pass).
+
+Hessians of one block's target linears use one accumulator per distinct input.
 
 Forward hooks read each target's input. Linears that receive the *same tensor object* in a forward pass
 (q/k/v_proj, gate/up_proj) share one :class:`HessianAccumulator`, found on the first batch by identity, so a
@@ -9,14 +15,17 @@ input's leading shape (METHOD §9 fix, D16).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from .hessian import HessianAccumulator
+from model_tailor.calibration.capture import BlockCall, capture_inputs, replace_hidden, run_block
+from model_tailor.calibration.data import CalibrationBatch
+from model_tailor.kernel.hessian import HessianAccumulator
 
-__all__ = ["BlockHessians"]
+__all__ = ["BlockHessians", "Stream", "accumulate", "capture_stream", "reaching_batches", "token_masks"]
 
 
 class BlockHessians:
@@ -104,3 +113,78 @@ class BlockHessians:
         self.stop()
         self._first.clear()
         self._acc.clear()
+
+
+@dataclass
+class Stream:
+    """One activation stream through a block list: the recorded call of each batch and its token masks."""
+
+    calls: list[BlockCall]
+    masks: list[list[torch.Tensor]]
+
+
+def capture_stream(
+    model: nn.Module,
+    block_list: Any,
+    first: int,
+    batches: list[CalibrationBatch],
+    nq: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> Stream:
+    """The inputs (+ keyword arguments) of ``block_list``'s block ``first`` for each batch, and their token masks.
+
+    The caller installs the materialiser's hooks: modules before the block run with their current values."""
+    path = block_list.block_path(first)
+    calls = capture_inputs(
+        model, model.get_submodule(path), [b.inputs for b in batches], device=device, dtype=dtype, block_name=path
+    )
+    return Stream(calls, [token_masks(block_list.role, b.inputs, b.token_mask, nq) for b in batches])
+
+
+def reaching_batches(batches: list[CalibrationBatch], role: str) -> list[CalibrationBatch]:
+    """The batches that reach a block list of ``role``: all for a language model, those with images otherwise
+    (text-only preserve data, e.g. ``self``, never runs a vision tower)."""
+    if role == "language":
+        return batches
+    return [b for b in batches if any(k.startswith("pixel") for k in b.inputs)]
+
+
+def accumulate(
+    block: nn.Module,
+    modules: dict[str, nn.Module],
+    stream: Stream,
+    device: torch.device,
+    *,
+    propagate_dtype: torch.dtype | None = None,
+) -> tuple[BlockHessians, Stream | None]:
+    """Run ``block`` on every call of ``stream`` with Hessian hooks on ``modules``.
+
+    Returns:
+        The :class:`BlockHessians`, hooks removed and Hessians readable (the caller closes it), and, when
+        ``propagate_dtype`` is given, the next block's stream (this block's outputs, cast to it) from the same pass.
+    """
+    stats = BlockHessians(modules, device)
+    out: list[BlockCall] = []
+    try:
+        for call, m in zip(stream.calls, stream.masks, strict=True):
+            stats.set_masks(m)
+            hidden = run_block(block, call)
+            stats.end_batch()
+            if propagate_dtype is not None:
+                out.append(replace_hidden(call, hidden.to(propagate_dtype)))
+    except BaseException:
+        stats.close()
+        raise
+    stats.stop()  # the Hessians stay readable; later passes through these modules must not add to them
+    return stats, (Stream(out, stream.masks) if propagate_dtype is not None else None)
+
+
+def token_masks(role: str, inputs: dict[str, torch.Tensor], token_mask: torch.Tensor, nq: int) -> list[torch.Tensor]:
+    """Candidate padding masks of a batch for the Hessians of a block list of ``role`` (METHOD §9, D16)."""
+    if role == "language":
+        return [token_mask]
+    if role == "qformer" and "qformer_attention_mask" in inputs:
+        q = inputs["qformer_attention_mask"].bool()
+        return [torch.cat([torch.ones(q.shape[0], nq, dtype=torch.bool), q], dim=1), q]
+    return []

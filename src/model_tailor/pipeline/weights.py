@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import CheckpointError
-from .targets import TargetPlan
+from model_tailor.errors import CheckpointError
+from model_tailor.pipeline.targets import TargetPlan
 
 logger = logging.getLogger(__name__)
 
@@ -220,9 +220,7 @@ class Materializer:
                 handles.append(module.register_forward_pre_hook(lambda m, a, p=path: self.load(p)))
                 handles.append(module.register_forward_hook(lambda m, a, o, p=path: self.offload(p)))
             elif not inside_block(path) and any(True for _ in module.parameters(recurse=False)):
-                handles.append(
-                    module.register_forward_pre_hook(lambda m, a, p=path: self.load(p, recurse=False))
-                )
+                handles.append(module.register_forward_pre_hook(lambda m, a, p=path: self.load(p, recurse=False)))
         return handles
 
     def offload_all(self) -> None:

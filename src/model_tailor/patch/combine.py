@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .errors import ConfigError, PatchFormatError, ShapeMismatchError
-from .patch import PatchMetadata, SparsePatch, TensorPatch, current_versions, utc_now
-from .registry import Registry
+from model_tailor.errors import ConfigError, PatchFormatError, ShapeMismatchError
+from model_tailor.patch.model import PatchMetadata, SparsePatch, TensorPatch, current_versions, utc_now
+from model_tailor.registry import Registry
 
 logger = logging.getLogger(__name__)
 
@@ -177,9 +177,7 @@ def combine_tensor(
     combined = fn(values, covered).to(torch.float32) if union.numel() else torch.zeros(0)
     lowrank = _combine_lowrank(present, policy, scale, len(parts), name)
     count = covered.sum(0)
-    overlap = TensorOverlap(
-        name, present[0][1].numel, len(present), int(union.numel()), int((count >= 2).sum())
-    )
+    overlap = TensorOverlap(name, present[0][1].numel, len(present), int(union.numel()), int((count >= 2).sum()))
     return TensorPatch(name, shape, union, combined, lowrank), overlap
 
 
@@ -207,9 +205,7 @@ def _check_same_base(patches: Sequence[SparsePatch], force: bool) -> dict[str, A
     for i, patch in enumerate(patches[1:], start=1):
         other = patch.metadata.base_fingerprint
         problems = []
-        if other.get("structure") != first.get("structure") or other.get("algorithm") != first.get(
-            "algorithm"
-        ):
+        if other.get("structure") != first.get("structure") or other.get("algorithm") != first.get("algorithm"):
             problems.append("names/shapes/dtypes")
         for tensor, digest in (other.get("content") or {}).items():
             if merged["content"].setdefault(tensor, digest) != digest:
@@ -221,9 +217,7 @@ def _check_same_base(patches: Sequence[SparsePatch], force: bool) -> dict[str, A
                 "combine patches of one base, or pass --force"
             )
         if problems:
-            logger.warning(
-                "combining patches of different bases (patch %d: %s) because of --force", i, problems
-            )
+            logger.warning("combining patches of different bases (patch %d: %s) because of --force", i, problems)
     return merged
 
 
@@ -269,9 +263,7 @@ def combine_patches(
     report = CombineReport(policy=policy, weights=scale, num_patches=len(patches))
     tensors: dict[str, TensorPatch] = {}
     for name in sorted({n for p in patches for n in p.tensors}):
-        combined, overlap = combine_tensor(
-            [p.tensors.get(name) for p in patches], policy=policy, weights=scale
-        )
+        combined, overlap = combine_tensor([p.tensors.get(name) for p in patches], policy=policy, weights=scale)
         tensors[name] = combined
         report.per_tensor[name] = overlap
     base_dtypes: dict[str, str] = {}
@@ -280,9 +272,7 @@ def combine_patches(
     metadata = PatchMetadata(
         base_dtypes=dict(sorted(base_dtypes.items())),
         base_fingerprint=fingerprint,
-        config={
-            "combine": {"policy": policy, "weights": scale, "sources": [p.metadata.config for p in patches]}
-        },
+        config={"combine": {"policy": policy, "weights": scale, "sources": [p.metadata.config for p in patches]}},
         versions=current_versions(),
         stats={
             name: {

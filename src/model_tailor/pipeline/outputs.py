@@ -14,16 +14,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .calibration.data import CalibrationSet
-from .config import TailorConfig
-from .fingerprint import fingerprint
-from .io.atomic import atomic_write_json, atomic_write_text
-from .io.checkpoint import CheckpointWriter
-from .io.patch_file import save_patch
-from .patch import PatchMetadata, SparsePatch, TensorPatch, current_versions, dtype_name, utc_now
-from .report import TailorReport
-from .streaming import WeightSource
-from .targets import RELEASE_EVERY, TargetPlan
+from model_tailor.calibration.data import CalibrationSet
+from model_tailor.config import TailorConfig
+from model_tailor.io.atomic import atomic_write_json, atomic_write_text
+from model_tailor.io.checkpoint import CheckpointWriter
+from model_tailor.patch.fingerprint import fingerprint
+from model_tailor.patch.format import save_patch
+from model_tailor.patch.model import PatchMetadata, SparsePatch, TensorPatch, current_versions, dtype_name, utc_now
+from model_tailor.pipeline.report import TailorReport
+from model_tailor.pipeline.targets import RELEASE_EVERY, TargetPlan
+from model_tailor.pipeline.weights import WeightSource
 
 logger = logging.getLogger(__name__)
 
@@ -131,9 +131,7 @@ def write_outputs(
     try:
         if cfg.save_model is not None:
             existed = Path(cfg.save_model).exists()
-            save_model(
-                source, Path(cfg.save_model), max_shard_bytes=cfg.max_shard_bytes, overwrite=cfg.overwrite
-            )
+            save_model(source, Path(cfg.save_model), max_shard_bytes=cfg.max_shard_bytes, overwrite=cfg.overwrite)
             created_model = None if existed else Path(cfg.save_model)
             report.outputs["model"] = str(cfg.save_model)
         patch = make_patch()
