@@ -9,10 +9,15 @@ References:
     magnitude top-k (data-free Localize-and-Stitch / Grafting): https://arxiv.org/abs/2408.13656
     DARE: https://arxiv.org/abs/2311.03099 · TIES: https://arxiv.org/abs/2306.01708
     task arithmetic: https://arxiv.org/abs/2212.04089 · WiSE-FT: https://arxiv.org/abs/2109.01903
+    FAPM: https://arxiv.org/abs/2509.08255 · LiNeS: https://arxiv.org/abs/2410.17146 (ICLR 2025)
+
+FAPM, LiNeS, the truncated-SVD patch and revert-first-k read more than the delta (the base tensor, the
+parameter's layer index, the model depth); the registry passes those through :class:`BaselineParams`.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -27,9 +32,17 @@ __all__ = [
     "BaselineParams",
     "SPARSE_BASELINES",
     "dare",
+    "fapm",
+    "fapm_scores",
     "keep_count",
+    "layer_index",
+    "lines",
+    "lines_scale",
+    "lowrank_rank",
     "magnitude_topk",
     "task_arithmetic",
+    "revert_first_k",
+    "svd_lowrank",
     "ties",
     "topk_mask",
     "wise_ft",
@@ -130,6 +143,97 @@ def wise_ft(delta: torch.Tensor, alpha: float) -> torch.Tensor:
     return (alpha * delta.float()).to(delta.dtype)
 
 
+_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.")
+
+
+def layer_index(name: str) -> int | None:
+    """Block index in a full HF parameter name (``model.language_model.layers.17.mlp.up_proj.weight`` -> 17);
+    None for tensors outside the numbered blocks (embeddings, projector, final norm)."""
+    m = _LAYER_RE.search(name)
+    return int(m.group(1)) if m else None
+
+
+def _keep_top(delta: torch.Tensor, score: torch.Tensor, density: float) -> torch.Tensor:
+    """``delta`` on the ``keep_count`` highest scores (ties by position), zero elsewhere."""
+    k = keep_count(delta.numel(), density)
+    order = torch.sort(score.reshape(-1), descending=True, stable=True).indices[:k]
+    mask = torch.zeros(delta.numel(), dtype=torch.bool, device=delta.device)
+    mask[order] = True
+    return torch.where(mask.reshape(delta.shape), delta, torch.zeros_like(delta))
+
+
+def fapm_scores(delta: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """FAPM's per-entry score ``|Δ| - mean(|W_pre|)·|Δ|/|W_pre|`` (mean over the whole matrix).
+
+    A large change relative to a small pre-trained weight is penalised. Guards: an entry whose ``|W_pre|``
+    is 0 has an infinite relative change, so a nonzero delta there scores ``-inf`` (kept last) and a zero
+    one scores 0; a matrix whose ``|W_pre|`` is zero everywhere has no scale to compare with and scores
+    ``|Δ|`` (plain magnitude).
+    """
+    if base.shape != delta.shape:
+        raise ConfigError(f"fapm: base shape {tuple(base.shape)} != delta shape {tuple(delta.shape)}")
+    d, w = delta.detach().float().abs(), base.detach().float().abs()
+    mean = w.mean()
+    if mean == 0:
+        return d
+    relative = torch.where(w > 0, d / w.clamp_min(torch.finfo(torch.float32).tiny), torch.where(d > 0, torch.inf, 0.0))
+    return torch.where(relative.isinf(), -torch.inf, d - mean * relative)
+
+
+def fapm(delta: torch.Tensor, base: torch.Tensor, density: float) -> torch.Tensor:
+    """FAPM: keep the top-``density`` fraction of the delta by :func:`fapm_scores`, the rest reverted."""
+    return _keep_top(delta, fapm_scores(delta, base), density)
+
+
+def lines_scale(layer: int, num_layers: int, alpha: float = 0.0, beta: float = 1.0) -> float:
+    """LiNeS scale of layer ``layer`` (0-based) of ``num_layers``: ``alpha + (beta - alpha)·layer/(L - 1)``.
+
+    ``alpha`` scales the first layer's delta and ``beta`` the last one's (the paper writes
+    ``λ(ℓ) = α + β'(ℓ-1)/(L-1)`` with 1-based ℓ, i.e. ``β' = beta - alpha``). Defaults 0 and 1: the shallowest
+    update removed, the deepest kept whole, rising linearly in between.
+    """
+    if not 0 <= layer < num_layers:
+        raise ConfigError(f"lines: layer {layer} outside a model of {num_layers} layers")
+    return beta if num_layers == 1 else alpha + (beta - alpha) * layer / (num_layers - 1)
+
+
+def lines(
+    delta: torch.Tensor, layer: int | None, num_layers: int, *, alpha: float = 0.0, beta: float = 1.0
+) -> torch.Tensor:
+    """LiNeS: the delta of block ``layer`` scaled by :func:`lines_scale`; tensors outside the numbered blocks
+    (``layer`` None: projector, embeddings) keep their whole delta."""
+    if layer is None:
+        return delta
+    return (lines_scale(layer, num_layers, alpha, beta) * delta.float()).to(delta.dtype)
+
+
+def lowrank_rank(rows: int, cols: int, density: float) -> int:
+    """Rank whose factors fit the budget of ``density·rows·cols`` entries: ``floor(d·rows·cols/(rows+cols))``."""
+    _check_density(density)
+    return min(rows, cols, int(density * rows * cols / (rows + cols) + 1e-9))
+
+
+def svd_lowrank(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """Data-free low-rank patch: the truncated SVD of the delta at :func:`lowrank_rank` (the best rank-r
+    approximation in Frobenius norm, Eckart-Young). Tensors that are not matrices (norm gains, biases) have
+    no rank structure and keep their top-``density`` entries by magnitude, the same budget."""
+    if delta.ndim != 2:
+        return magnitude_topk(delta, density)
+    r = lowrank_rank(*delta.shape, density)
+    if r == 0:
+        return torch.zeros_like(delta)
+    u, s, vh = torch.linalg.svd(delta.float(), full_matrices=False)
+    return ((u[:, :r] * s[:r]) @ vh[:r]).to(delta.dtype)
+
+
+def revert_first_k(delta: torch.Tensor, layer: int | None, tuned_layers: Sequence[int], k: int) -> torch.Tensor:
+    """Revert (zero the delta of) the ``k`` shallowest of ``tuned_layers``; every other tensor keeps its delta."""
+    if k < 0:
+        raise ConfigError(f"revert_first_k: k must be >= 0, got {k}")
+    first = set(sorted(tuned_layers)[:k])
+    return torch.zeros_like(delta) if layer in first else delta
+
+
 # --- registry: one uniform signature so the CLI and the bench pick baselines by name -------------------
 
 
@@ -140,6 +244,14 @@ class BaselineParams:
     density: float | None = None
     scale: float | None = None
     seed: int = 0
+    # read by the layer- and base-aware baselines (fapm, lines, revert_first_k); per tensor
+    name: str | None = None  # the full HF parameter name (its layer index)
+    base: torch.Tensor | None = None  # the pre-trained tensor (fapm)
+    num_layers: int | None = None  # blocks in the model (lines)
+    tuned_layers: tuple[int, ...] = ()  # block indices the fine-tune changed (revert_first_k)
+    k: int | None = None  # layers reverted (revert_first_k)
+    alpha: float = 0.0  # lines: scale of the first block's delta
+    beta: float = 1.0  # lines: scale of the last block's delta
 
 
 BaselineFn = Callable[[Sequence[torch.Tensor], BaselineParams, "torch.Generator | None"], torch.Tensor]
@@ -201,4 +313,45 @@ def _wise_ft(deltas: Sequence[torch.Tensor], params: BaselineParams, gen: torch.
     return wise_ft(_one("wise_ft", deltas), params.scale)
 
 
-SPARSE_BASELINES = frozenset({"magnitude", "dare", "random", "ties"})
+@BASELINES.register("fapm", reference="https://arxiv.org/abs/2509.08255")
+def _fapm(deltas: Sequence[torch.Tensor], params: BaselineParams, gen: torch.Generator | None) -> torch.Tensor:
+    """FAPM: top-k by |Δ| - mean(|W_pre|)·|Δ|/|W_pre| per matrix (needs the base tensor)."""
+    if params.base is None:
+        raise ConfigError("baseline 'fapm' needs the pre-trained tensor (BaselineParams.base) to score the delta")
+    return fapm(_one("fapm", deltas), params.base, _need_density("fapm", params))
+
+
+def _layer_of(name: str, params: BaselineParams) -> int | None:
+    if params.name is None:
+        raise ConfigError(f"baseline {name!r} needs the parameter name (BaselineParams.name) for its layer index")
+    return layer_index(params.name)
+
+
+@BASELINES.register("lines", reference="https://arxiv.org/abs/2410.17146")
+def _lines(deltas: Sequence[torch.Tensor], params: BaselineParams, gen: torch.Generator | None) -> torch.Tensor:
+    """LiNeS: each block's delta scaled linearly with depth, from alpha (first block) to beta (last)."""
+    if params.num_layers is None:
+        raise ConfigError("baseline 'lines' needs the model depth (BaselineParams.num_layers)")
+    layer = _layer_of("lines", params)
+    return lines(_one("lines", deltas), layer, params.num_layers, alpha=params.alpha, beta=params.beta)
+
+
+@BASELINES.register("svd", reference="https://arxiv.org/abs/2106.09685")
+def _svd(deltas: Sequence[torch.Tensor], params: BaselineParams, gen: torch.Generator | None) -> torch.Tensor:
+    """Truncated SVD of the delta at the rank that fits density·rows·cols entries (data-free low-rank)."""
+    return svd_lowrank(_one("svd", deltas), _need_density("svd", params))
+
+
+@BASELINES.register("revert_first_k", reference="https://arxiv.org/abs/2410.17146")
+def _revert_first_k(
+    deltas: Sequence[torch.Tensor], params: BaselineParams, gen: torch.Generator | None
+) -> torch.Tensor:
+    """Revert the k shallowest tuned layers to the base, keep the rest of the fine-tune."""
+    if params.k is None or not params.tuned_layers:
+        raise ConfigError("baseline 'revert_first_k' needs k and the tuned layers (BaselineParams.k, .tuned_layers)")
+    return revert_first_k(
+        _one("revert_first_k", deltas), _layer_of("revert_first_k", params), params.tuned_layers, params.k
+    )
+
+
+SPARSE_BASELINES = frozenset({"magnitude", "dare", "random", "ties", "fapm"})
