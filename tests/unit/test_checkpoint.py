@@ -56,6 +56,27 @@ def test_sharded_write_has_index_and_reads_back(tmp_path):
         assert torch.equal(reader.get(name), t)
 
 
+def test_reader_releases_its_shard_maps_every_n_reads(tmp_path):
+    class Counting(CheckpointReader):
+        releases = 0
+
+        def release(self) -> None:
+            self.releases += 1
+            super().release()
+
+    tensors = _tensors()
+    out = _write_dir(tmp_path / "ckpt", tensors, max_shard_bytes=1)
+    reader = Counting(out, release_every=3)
+    names = reader.names() * 3  # 9 reads -> released before the 3rd, 6th and 9th
+    for name in names:
+        assert torch.equal(reader.get(name), tensors[name])  # a released map reopens on the next read
+    assert reader.releases == 3
+    never = Counting(out, release_every=0)
+    for name in names:
+        never.get(name)
+    assert never.releases == 0
+
+
 def test_single_file_and_plain_shards_without_index(tmp_path):
     tensors = _tensors()
     save_file(tensors, str(tmp_path / "one.safetensors"))

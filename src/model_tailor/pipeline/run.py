@@ -36,7 +36,7 @@ from model_tailor.pipeline.planning import estimate_plan
 from model_tailor.pipeline.preserve import PreserveData, load_preserve
 from model_tailor.pipeline.report import LayerReport, TailorPlan, TailorReport
 from model_tailor.pipeline.resume import WorkDir, run_key
-from model_tailor.pipeline.targets import RELEASE_EVERY, TargetParam, TargetPlan, diff_checkpoints, select_targets
+from model_tailor.pipeline.targets import TargetParam, TargetPlan, diff_checkpoints, select_targets
 from model_tailor.pipeline.weights import Materializer, SparseValues, WeightSource
 
 logger = logging.getLogger(__name__)
@@ -177,9 +177,7 @@ class _Runner:
         fixed, and compensation runs on them as usual.
         """
         scores = {}
-        for i, t in enumerate(self.prep.plan.targets):
-            if i % RELEASE_EVERY == 0:
-                self.source.release()
+        for t in self.prep.plan.targets:
             scores[t.name] = (self.source.finetuned.get(t.name).float() - self.source.base.get(t.name).float()).abs()
         self.keep_masks = select_keep_masks_global(scores, self.cfg.density)
 
@@ -209,9 +207,7 @@ class _Runner:
             logger.info("resuming: %d finished block(s) loaded from %s", len(self.layers), self.workdir.path)
 
     def data_free_targets(self) -> None:
-        for i, t in enumerate(self.prep.plan.targets):
-            if i % RELEASE_EVERY == 0:
-                self.source.release()
+        for t in self.prep.plan.targets:
             path = f"{t.block_list}.{t.block}"
             layer = self.layers.setdefault(path, LayerReport(path))
             layer.tensors[t.name] = self._tailor_target(t, None)

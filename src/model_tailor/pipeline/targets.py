@@ -20,8 +20,6 @@ from torch import nn
 from model_tailor.errors import NumericalError
 from model_tailor.pipeline.architectures import TARGET_ROLES, ModelLayout, is_conv1d, linear_modules
 
-RELEASE_EVERY = 16  # tensors read between unmappings of the shard files
-
 __all__ = ["DiffSummary", "NonTarget", "TargetParam", "TargetPlan", "diff_checkpoints", "select_targets"]
 
 
@@ -86,11 +84,7 @@ def diff_checkpoints(base, finetuned, names: Iterable[str]) -> DiffSummary:  # n
     changed: set[str] = set()
     bad: list[str] = []
     identical = 0
-    for i, name in enumerate(names):
-        if i % RELEASE_EVERY == 0:
-            # Unmap the shards now and then: read pages of a memory map count as resident memory (RssFile).
-            base.close()
-            finetuned.close()
+    for name in names:  # the readers unmap their shards every few reads on their own
         b, f = base.get(name), finetuned.get(name)
         for which, t in (("base", b), ("finetuned", f)):
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):

@@ -11,9 +11,7 @@ grows with one block, not with the model (LLM Compressor sequential onloading; M
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,6 +19,7 @@ import torch
 from torch import nn
 
 from model_tailor.errors import CheckpointError
+from model_tailor.io.checkpoint import trim_heap
 from model_tailor.pipeline.targets import TargetPlan
 
 logger = logging.getLogger(__name__)
@@ -68,16 +67,6 @@ class SparseValues:
         return mask.reshape(shape)
 
 
-def _trim_heap() -> None:
-    """glibc keeps freed block-sized buffers in its arenas (RSS grew ~3x the patch per block without this)."""
-    if sys.platform != "linux":
-        return
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # musl or another libc: nothing to do
-        pass
-
-
 class WeightSource:
     """Current value of every checkpoint tensor during a run.
 
@@ -101,11 +90,11 @@ class WeightSource:
         self._tailor_free = tailor_free
 
     def release(self) -> None:
-        """Unmap the checkpoint shards (pages read through a memory map stay resident until unmapped) and hand
-        freed heap pages back to the OS, so resident memory tracks one block rather than every block seen."""
+        """Unmap both checkpoints and hand freed heap pages back to the OS after a block, so resident memory
+        tracks one block rather than every block seen (the readers also release every few reads)."""
         self.base.close()
         self.finetuned.close()
-        _trim_heap()
+        trim_heap()
 
     def get(self, name: str) -> torch.Tensor:
         """Base dtype for tailored / reset tensors, stored dtype otherwise (the caller casts)."""
