@@ -22,7 +22,7 @@ def tailor(
     progress: bool = False,
     **fields: Any,
 ) -> TailorResult:
-    """Tailor a fine-tuned checkpoint against its base (Model Tailor, METHOD §2-§9).
+    """Tailor a fine-tuned checkpoint against its base (Model Tailor, docs/METHOD.md §2-§9).
 
     Args:
         base: folder (or ``.safetensors`` file) of the pre-trained model.

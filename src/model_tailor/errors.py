@@ -1,7 +1,7 @@
 """Error hierarchy: every failure a user can cause is a ``ModelTailorError`` with a one-line message.
 
-Messages name the offending parameter or file, what was expected, what was found, and the fix
-(STYLE.md §7). The CLI prints ``str(error)`` on one line and exits non-zero.
+Messages name the offending parameter or file, what was expected, what was found, and the fix.
+The CLI prints ``str(error)`` on one line and exits non-zero.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 All prompts go through the language model's own chat template (SmolLM2 adds its default system line), with
 the image as LLaVA's ``<image>`` placeholder expanded to one token per image feature, exactly what
 ``LlavaProcessor`` does. Sharing one renderer keeps stage 1, fine-tuning and evaluation consistent
-(METHOD §16 D22: one fixed caption instruction; VQA with the LLaVA-1.5 single-word suffix).
+(docs/METHOD.md, D22: one fixed caption instruction; VQA with the LLaVA-1.5 single-word suffix).
 """
 
 from __future__ import annotations
@@ -176,7 +176,7 @@ def write_calibration(items: Sequence[VQAItem], out_dir: Path) -> Path:
 
 
 def write_preserve(capitals: Sequence[Capital], labels: Sequence[ImageLabel], out_dir: Path) -> Path:
-    """ "User-style" preserve JSONL for preserve-aware tailoring (Issue 5): original-ability records only.
+    """ "User-style" preserve JSONL for preserve-aware tailoring (docs/METHOD.md §14): original-ability records only.
 
     Capital questions (the eval's exact question, answered with the true capital) for held-out countries and
     templated captions (stage 1's instruction and caption) of easy-VQA TRAIN images; the caller passes

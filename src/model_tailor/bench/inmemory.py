@@ -1,7 +1,7 @@
 """The bench's ``--engine inmemory`` fallback: Hessians from one hooked pass, then the kernel per linear.
 
-Simpler than the project pipeline on purpose (no layer-sequential replay, METHOD §9 D17 "finetuned"
-propagation): the inputs of every decoder linear in the tuned layers are caught with forward hooks while the
+Simpler than the project pipeline on purpose (no layer-sequential replay, docs/METHOD.md, D17:
+one hooked pass instead): the inputs of every decoder linear in the tuned layers are caught with forward hooks while the
 fine-tuned model reads the calibration set once, teacher-forced on prompt + response with padding excluded.
 It exists to measure the bench before the pipeline lands and as a cross-check afterwards.
 """

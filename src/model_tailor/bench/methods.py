@@ -30,7 +30,7 @@ from model_tailor.kernel.baselines import BASELINES, BaselineParams
 log = logging.getLogger(__name__)
 
 DENSITIES = (0.01, 0.05, 0.10, 0.20)
-MT_VARIANTS = {  # row name -> tailor() options; ablations at density 0.10 (METHOD §16 D1, D2, D6)
+MT_VARIANTS = {  # row name -> tailor() options; ablations at density 0.10 (docs/METHOD.md, D1, D2, D6)
     "model_tailor": {"alpha": 0.8, "compensation": "obs"},
     "mt_salience_only": {"alpha": 1.0, "compensation": "obs"},
     "mt_sensitivity_only": {"alpha": 0.0, "compensation": "obs"},
@@ -38,15 +38,15 @@ MT_VARIANTS = {  # row name -> tailor() options; ablations at density 0.10 (METH
     # The released code has no guard; with it on, the guard rejects the flipped sign's worse result and the row
     # would silently equal mt_no_compensation (measured on the H100 run of 2026-11-24). So: guard off here.
     "mt_official_sign": {"alpha": 0.8, "compensation": "official", "guard": False},
-    # METHOD D5: rank by the cost of reverting the delta, (W̄ - W_pre)²/U_jj², not of removing the weight (the code)
+    # docs/METHOD.md, D5: rank by the cost of reverting the delta, (W̄ - W_pre)²/U_jj², not of zeroing the weight
     "mt_revert_sensitivity": {"alpha": 0.8, "compensation": "obs", "sensitivity": "revert"},
 }
-# Preserve-aware Model Tailor (Issue 5, PILOT.md dual objective): params {structure, preserve, lambda}; preserve
+# Preserve-aware Model Tailor (docs/METHOD.md §14): params {structure, preserve, lambda}; preserve
 # is "user" (the bench-written original-ability JSONL, ``data.write_preserve``) or "self" (base-model answers
 # to the shipped generic instructions). Pipeline engine only.
 PRESERVE_METHOD = "model_tailor_preserve"
 TAILOR_METHODS = (*MT_VARIANTS, PRESERVE_METHOD)
-# mergekit peer rows (Issue: "peers side by side"), full variant only and only when mergekit is installed:
+# mergekit peer rows, full variant only and only when mergekit is installed:
 # mergekit method -> the densities (ties, dare_ties) or scales = mergekit weights (task_arithmetic) to run.
 # Each row costs ~2 min of CPU evaluation in the full variant, hence a subset of DENSITIES.
 PEER_GRID: dict[str, tuple[float, ...]] = {"ties": (0.05, 0.10), "dare_ties": (0.05, 0.10), "task_arithmetic": (0.5,)}
@@ -242,7 +242,7 @@ def _tailor_rows(
     """The one place that runs Model Tailor: ``(spec, overrides, seconds, report summary)`` per row.
 
     Tensors the patch does not cover (norms, projector) are reset to base, the pipeline's default policy
-    (METHOD §16 D19), so the row is exactly ``base + patch``.
+    (docs/METHOD.md, D19), so the row is exactly ``base + patch``.
     """
     engines = {s.params.get("engine", "pipeline") for s in specs}
     out = []

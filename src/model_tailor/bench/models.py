@@ -3,7 +3,7 @@
 The pre-trained MLLM follows LLaVA's recipe at toy scale: stage 1 keeps the language model frozen, first
 teaching the vision tower the images (colour and shape heads on its patch features), then aligning the
 projector so the frozen LM captions them through its chat template. The fine-tuned MLLM then trains the
-last ``tune_last`` decoder layers and the projector on easy-VQA (LLaVA-1.5's "tune12layers", METHOD §14),
+last ``tune_last`` decoder layers and the projector on easy-VQA (LLaVA-1.5's "tune12layers", docs/METHOD.md §18),
 which makes it forget captioning and world knowledge. Both are saved as HF folders (safetensors, tokenizer,
 processor) under a cache key derived from the whole build config, so quick and full runs share them.
 """
@@ -66,7 +66,7 @@ class BuildConfig:
     align_lr: float = 1e-3
     ft_steps: int = 80  # 120 before; 80 still forgets (quick retention 0.24) and fits easy-VQA (0.78 vs 0.73)
     ft_batch: int = 8
-    ft_lr: float = 1e-4  # LLaVA-1.5 recipe (METHOD §14)
+    ft_lr: float = 1e-4  # LLaVA-1.5 recipe (docs/METHOD.md §18)
     ft_projector_lr: float = 2e-4
     calibration_samples: int = 128
     seed: int = 0

@@ -26,7 +26,7 @@ def _params(row: Row) -> str:
 
 
 def markdown_table(result: BenchResult) -> str:
-    """One line per row; the original columns are per task, then the METHOD §13 ratios and H."""
+    """One line per row; the original columns are per task, then the docs/METHOD.md §13 ratios and H."""
     orig_tasks = list(result.rows[0].original) if result.rows else []
     tgt_tasks = list(result.rows[0].target) if result.rows else []
     head = [

@@ -103,7 +103,7 @@ def harmonic(a: float | None, b: float | None) -> float | None:
 
 
 def finalize(rows: list[Row]) -> list[Row]:
-    """Fill retention, target ratio and H (METHOD §13: H_rel over the two ratios) from the anchor rows."""
+    """Fill retention, target ratio and H (docs/METHOD.md §13: H_rel over the two ratios) from the anchor rows."""
     pre = next(r for r in rows if r.method == "pretrained")
     ft = next(r for r in rows if r.method == "finetuned")
     for r in rows:

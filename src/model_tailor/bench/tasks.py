@@ -1,7 +1,7 @@
 """TailorBench evaluation: greedy decoding on fixed test subsets, scored with a documented normalisation.
 
 Original abilities (what fine-tuning should not destroy): ``capital_qa`` (world knowledge, text only) and
-``captioning`` (easy-VQA test images). Target: ``easy_vqa`` test accuracy. METHOD §13 defines the ratios.
+``captioning`` (easy-VQA test images). Target: ``easy_vqa`` test accuracy. docs/METHOD.md §13 defines the ratios.
 
 Normalisation (``normalize``): Unicode NFKD, accents dropped, lower case, every run of non-alphanumeric
 characters replaced by one space, trimmed. Scoring:
@@ -38,7 +38,7 @@ from model_tailor.bench.data import (
 ORIGINAL_TASKS = ("capital_qa", "captioning")
 TARGET_TASKS = ("easy_vqa",)
 # Countries held out of every capital test subset: the bench's "user-style" preserve data asks about them
-# (Issue 5). A fixed split, independent of the eval seed, so quick and full runs test the same pool.
+# (docs/METHOD.md §14). A fixed split, independent of the eval seed, so quick and full runs test the same pool.
 PRESERVE_COUNTRIES = 32
 PRESERVE_SPLIT_SEED = 4321
 

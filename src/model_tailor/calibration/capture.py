@@ -2,8 +2,8 @@
 
 A forward pre-hook records ``(args, kwargs)`` (hidden states, attention mask, position ids, multi-dimensional
 rotary positions, ``position_embeddings``, ``encoder_hidden_states`` of a Q-Former...) and raises a private
-exception type, so a genuine error in the model is never swallowed (METHOD §9 fix, D16; STYLE.md §1 on
-SparseGPT's ValueError catcher). Cache flags are switched off for replay.
+exception type, so a genuine error in the model is never swallowed (docs/METHOD.md §9, D16;
+SparseGPT's catcher raises ValueError and swallows real ones). Cache flags are switched off for replay.
 """
 
 from __future__ import annotations

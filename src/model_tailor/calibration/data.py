@@ -1,4 +1,4 @@
-"""Calibration JSONL -> seeded, rendered, tokenised batches (METHOD §10, D15).
+"""Calibration JSONL -> seeded, rendered, tokenised batches (docs/METHOD.md §10, D15).
 
 Records: ``{"text": ...}`` (used as is), ``{"prompt", "response", "image"?}`` or ``{"messages": [...],
 "image"?}``.

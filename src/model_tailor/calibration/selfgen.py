@@ -1,7 +1,8 @@
 """``--preserve self``: the base model answers shipped generic instructions; the conversations become preserve data.
 
 When a user has no original-task data, the base model's own behaviour on generic prompts is the best available
-proxy for "what it knew" (PILOT.md: preserving the base outputs on such data recovers most of the forgetting).
+proxy for "what it knew" (in the pilot of docs/METHOD.md §14, preserving base outputs on such data recovered
+most of the forgetting).
 The instructions ship with the package (``data/self_preserve_instructions.jsonl``, written for model-tailor and
 free of the bench's test topics); generation is greedy, bounded, seeded and cached, and every generated
 conversation is returned so the caller can log and record it.

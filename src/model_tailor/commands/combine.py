@@ -1,4 +1,4 @@
-"""`model-tailor combine`: merge task patches into one patch file (METHOD §12; thin wrapper)."""
+"""`model-tailor combine`: merge task patches into one patch file (docs/METHOD.md §12; thin wrapper)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Atomic file output: write to a temporary file in the target folder, fsync, then rename.
 
-An interrupted run therefore never leaves a file that looks complete (STYLE.md §7).
+An interrupted run therefore never leaves a file that looks complete.
 """
 
 from __future__ import annotations

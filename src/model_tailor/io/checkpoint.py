@@ -2,7 +2,7 @@
 
 Reading never loads a whole model: each ``get`` maps one tensor from its shard (mergekit-style lazy
 loading). Writing fills shards one at a time inside a temporary folder that is renamed into place at
-``commit``, so an interrupted run never leaves a checkpoint that looks complete (STYLE.md §7).
+``commit``, so an interrupted run never leaves a checkpoint that looks complete.
 """
 
 from __future__ import annotations

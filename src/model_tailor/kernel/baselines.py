@@ -2,7 +2,7 @@
 
 Every function is pure: tensors in, one merged delta out, so ``base + result`` is the baseline model. A
 "task vector" here is ``delta = finetuned - base`` of one tensor. These are the methods Model Tailor is
-compared against (METHOD.md §14, ANCHORS.md §1); the TailorBench runs them at the same densities as Model
+compared against (docs/METHOD.md §18); the TailorBench runs them at the same densities as Model
 Tailor. Maths runs in fp32 and the result is cast back to the delta's dtype.
 
 References:
@@ -55,7 +55,7 @@ def _check_density(density: float) -> None:
 
 
 def keep_count(numel: int, density: float) -> int:
-    """Exactly ``floor(density * numel)`` entries are kept (METHOD §16 D9), computed without float drift."""
+    """Exactly ``floor(density * numel)`` entries are kept (docs/METHOD.md, D9), computed without float drift."""
     _check_density(density)
     return min(numel, int(density * numel + 1e-9))
 

@@ -1,4 +1,4 @@
-"""The patch decorator: blockwise OBS sweep, exact per-row optimum and reconstruction error (METHOD.md §8).
+"""The patch decorator: blockwise OBS sweep, exact per-row optimum and reconstruction error (docs/METHOD.md §8).
 
 Every function reconstructs a *target* (default: the fine-tuned weights) in the H-weighted norm
 ``sum_i (w_i - t_i) H (w_i - t_i)^T = ||(W - T) X||_F^2`` (up to H's scale) while forcing reverted entries to
@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 COMPENSATIONS = ("obs", "official", "none", "exact")
 
-#: ``(W_block_current (rows, b), col_slice) -> bool keep mask (rows, b)``; True = in the patch (METHOD §7).
+#: ``(W_block_current (rows, b), col_slice) -> bool keep mask (rows, b)``; True = in the patch (docs/METHOD.md §7).
 MaskSelector = Callable[[torch.Tensor, slice], torch.Tensor]
 
 # Upper bound on elements of one batched |S| x |S| system stack in exact_compensation (~64 MB in fp32).
@@ -47,7 +47,7 @@ class SweepResult(NamedTuple):
 
 
 def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
-    """fp64 if any input is fp64 (oracle tests), else fp32 (METHOD §3, D13)."""
+    """fp64 if any input is fp64 (oracle tests), else fp32 (docs/METHOD.md §3, D13)."""
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
@@ -66,7 +66,7 @@ def obs_sweep(
     block_size: int = 128,
     target: torch.Tensor | None = None,
 ) -> SweepResult:
-    """Blockwise OBS sweep with a per-block mask selector (METHOD §7 adaptive timing, §8).
+    """Blockwise OBS sweep with a per-block mask selector (docs/METHOD.md §7 adaptive timing, §8).
 
     Columns are processed in natural order, in blocks of ``block_size``. At the start of each block the
     selector sees the current weights ``W_bar`` of the block (target plus compensation received so far) and
@@ -122,7 +122,7 @@ def obs_sweep(
             _sweep_block(Wt[b:e], Vt[b:e], U[b:e, b:e], revert1, sign, out_err := torch.zeros_like(Wt[b:e]))
             keep_t[b:e] = ~revert1
             if e < cols:
-                # Lazy update of every later column: W[:, e:] += sign * E_B @ U[B, e:] (METHOD §8).
+                # Lazy update of every later column: W[:, e:] += sign * E_B @ U[B, e:] (docs/METHOD.md §8).
                 Wt[e:].addmm_(U[b:e, e:].T, out_err, alpha=sign)
     W = Wt.T.contiguous()
     keep = keep_t.T.contiguous()
@@ -139,7 +139,7 @@ def _sweep_block(
     (width, rows).
 
     Rank-1 updates stay inside sub-blocks of ``_INNER_BLOCK`` columns and reach the rest of the block through
-    one matmul per sub-block: the same lazy-update identity as between blocks (METHOD §8), one level down.
+    one matmul per sub-block: the same lazy-update identity as between blocks (docs/METHOD.md §8), one level down.
     Without it each column rewrites the whole rest of the block, which is memory-bound for wide layers.
     """
     width = Wt.shape[0]
@@ -150,7 +150,7 @@ def _sweep_block(
     for s in range(0, width, _INNER_BLOCK):
         se = min(s + _INNER_BLOCK, width)
         for j in range(s, se):
-            # METHOD §8: E_ij = revert_ij * (W_bar_ij - v_ij) / U_jj ; W_bar[i, j:] += sign * E_ij * U[j, j:]
+            # docs/METHOD.md §8: E_ij = revert_ij * (W_bar_ij - v_ij) / U_jj ; W_bar[i, j:] += sign * E_ij * U[j, j:]
             err = torch.sub(Wt[j], Vt[j], out=Err[j]).mul_(inv_d[j])
             # Column j only moves on reverted entries, which are set to base next, so update j+1.. only.
             # A broadcast product on this small contiguous slab; addr_/addcmul_ measured 6-50x slower on CPU.
@@ -198,7 +198,7 @@ def exact_compensation(
     *,
     target: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Exact per-row least-squares decoration for a fixed mask (METHOD §8, D3 ``decorator: exact``).
+    """Exact per-row least-squares decoration for a fixed mask (docs/METHOD.md §8, D3, ``compensation: exact``).
 
     Per row with K = kept and P = reverted: ``w_K = t_K + H_KK^{-1} H_KP (t_P - v_P)``, ``w_P = v_P``. Rows
     with more kept than reverted entries use the equivalent dual form ``d = G_{:,P} G_PP^{-1} (v_P - t_P)``
@@ -249,7 +249,7 @@ def reconstruction_error(W: torch.Tensor, W_target: torch.Tensor, H: torch.Tenso
     Args:
         W: ``(rows, cols)`` weights.
         W_target: ``(rows, cols)`` target.
-        H: ``(cols, cols)`` symmetric Hessian (pass H_tilde for the guard, METHOD D4).
+        H: ``(cols, cols)`` symmetric Hessian (pass H_tilde for the guard, docs/METHOD.md, D4).
 
     Returns:
         The error as a Python float (accumulated in fp64).
@@ -303,14 +303,14 @@ def compensate(
     target: torch.Tensor | None = None,
     name: str | None = None,
 ) -> torch.Tensor:
-    """Decorate a fixed keep mask (METHOD §8, upfront timing).
+    """Decorate a fixed keep mask (docs/METHOD.md §8, upfront timing).
 
     Args:
         base: ``(rows, cols)`` base weights.
         finetuned: ``(rows, cols)`` fine-tuned weights.
         keep_mask: ``(rows, cols)`` bool, True = in the patch; False entries are reverted to base.
         hessian: ``(cols, cols)`` raw Hessian (damped here with ``percdamp``).
-        percdamp: relative damping (METHOD §3).
+        percdamp: relative damping (docs/METHOD.md §3).
         block_size: sweep block width.
         compensation: ``"obs"`` (sign -1), ``"official"`` (sign +1), ``"none"`` (plain masking) or
             ``"exact"``.

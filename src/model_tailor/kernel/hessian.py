@@ -1,7 +1,7 @@
-"""Layer Hessian statistics and their damped inverse factor (METHOD.md §3).
+"""Layer Hessian statistics and their damped inverse factor (docs/METHOD.md §3).
 
 The objective of one linear module is ``||(W_hat - W_target) X||_F^2``; every row has Hessian ``H = 2 X X^T``
-(up to a positive normaliser, which changes nothing downstream: METHOD §3 "scale invariance"). This module
+(up to a positive normaliser, which changes nothing downstream: docs/METHOD.md §3 "scale invariance"). This module
 accumulates ``H`` from input activations (no gradients, no labels) and turns it into the upper Cholesky factor
 ``U`` of the damped inverse, ``H_tilde^{-1} = U^T U``, that the OBS sweep of §8 consumes.
 """
@@ -28,14 +28,14 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_MAX_RETRIES = 3  # METHOD §16 D14: damping x10, up to 3 retries, then a named error
+_MAX_RETRIES = 3  # docs/METHOD.md, D14: damping x10, up to 3 retries, then a named error
 
 
 @contextlib.contextmanager
 def fp32_precision() -> Iterator[None]:
-    """Run the enclosed maths in true fp32: TF32 off for matmul/cuDNN, restored on exit (METHOD §3, D13).
+    """Run the enclosed maths in true fp32: TF32 off for matmul/cuDNN, restored on exit (docs/METHOD.md §3, D13).
 
-    The official code flips these flags globally at import; we scope them (STYLE §2.4).
+    The official code flips these flags globally at import; we scope them (no global state).
     """
     cuda_tf32 = torch.backends.cuda.matmul.allow_tf32
     cudnn_tf32 = torch.backends.cudnn.allow_tf32
@@ -52,9 +52,9 @@ def fp32_precision() -> Iterator[None]:
 
 
 class HessianAccumulator:
-    """Running ``H = (2/n) sum_t x_t x_t^T`` over counted token positions (METHOD §3).
+    """Running ``H = (2/n) sum_t x_t x_t^T`` over counted token positions (docs/METHOD.md §3).
 
-    Padding is excluded through ``token_mask`` (METHOD §9 fix, D16); ``n`` counts tokens, not sequences,
+    Padding is excluded through ``token_mask`` (docs/METHOD.md §9, D16); ``n`` counts tokens, not sequences,
     which is a free choice because H's scale cancels downstream. Activations are never stored.
 
     Args:
@@ -152,7 +152,7 @@ def _check_finite(t: torch.Tensor, what: str, name: str | None) -> None:
 
 
 def factor_hessian(H: torch.Tensor, *, percdamp: float = 0.01, name: str | None = None) -> DampedFactor:
-    """Damp ``H`` and factor its inverse (METHOD §3).
+    """Damp ``H`` and factor its inverse (docs/METHOD.md §3).
 
     ``H_tilde = H + lam*I`` with ``lam = percdamp * mean(diag H)``, after setting dead inputs
     (``H_jj == 0``) to ``H_jj = 1`` on a copy. A failed factorisation retries with ``lam * 10``, up to 3
@@ -178,7 +178,7 @@ def factor_hessian(H: torch.Tensor, *, percdamp: float = 0.01, name: str | None 
     cols = H.shape[0]
     diag = torch.diagonal(H)
     dead = diag == 0
-    diag[dead] = 1.0  # METHOD §3: dead inputs; unlike SparseGPT we do NOT zero W[:, j] (it would drop patch values)
+    diag[dead] = 1.0  # docs/METHOD.md §3 dead inputs; unlike SparseGPT, W[:, j] is NOT zeroed (patch values)
     mean_diag = float(diag.mean())
     lam = percdamp * mean_diag
     idx = torch.arange(cols, device=H.device)
@@ -210,7 +210,7 @@ def factor_hessian(H: torch.Tensor, *, percdamp: float = 0.01, name: str | None 
 
 
 def damped_cholesky_inverse(H: torch.Tensor, *, percdamp: float = 0.01, name: str | None = None) -> torch.Tensor:
-    """Upper Cholesky factor ``U`` of the damped inverse, ``H_tilde^{-1} = U^T U`` (METHOD §3).
+    """Upper Cholesky factor ``U`` of the damped inverse, ``H_tilde^{-1} = U^T U`` (docs/METHOD.md §3).
 
     Row ``j`` of ``U`` is the inverse Hessian of the still-free columns ``F_j = {j, ..., cols-1}``:
     ``U_jj^2 = [(H_tilde_{F_j F_j})^{-1}]_jj``. See :func:`factor_hessian` for damping, dead inputs and
@@ -228,7 +228,7 @@ def damped_cholesky_inverse(H: torch.Tensor, *, percdamp: float = 0.01, name: st
 
 
 def normalize_hessian(H: torch.Tensor, *, name: str | None = None) -> torch.Tensor:
-    """``H / (trace(H) / cols)``: unit mean eigenvalue, so Hessians of different data can mix (Issue 5).
+    """``H / (trace(H) / cols)``: unit mean eigenvalue, so Hessians of different data can mix (docs/METHOD.md §14).
 
     Args:
         H: ``(cols, cols)`` PSD Hessian.

@@ -1,6 +1,6 @@
-"""Keep-mask selection with exact counts and stable ties (METHOD.md §7, decisions D9-D10).
+"""Keep-mask selection with exact counts and stable ties (docs/METHOD.md §7, decisions D9-D10).
 
-Glossary (STYLE.md §5; used throughout the library):
+Glossary (used throughout the library):
 
 - ``base``, ``finetuned``: the pre-trained and fine-tuned weights; ``delta = finetuned - base``.
 - ``density``: the fraction of entries **kept** in the patch, in (0, 1]. ("sparsity" is the opposite and stays
@@ -9,7 +9,7 @@ Glossary (STYLE.md §5; used throughout the library):
   reverted to base.
 - ``score``: **higher = keep**.
 - ``revert``: set an entry back to its base value (not "prune", which means set to zero elsewhere).
-- ``decorate`` / ``compensate``: the OBS update of METHOD §8 on the kept entries.
+- ``decorate`` / ``compensate``: the OBS update of docs/METHOD.md §8 on the kept entries.
 - selection group: the set of entries among which exactly ``k = floor(density * m)`` of ``m`` are kept:
   one column block pooled over all rows (``block``, the official granularity), one row (``row``), the whole
   tensor (``tensor``) or every tensor at once (``global``, :func:`select_keep_masks_global`).
@@ -45,7 +45,7 @@ def _check_density(density: float) -> None:
 
 
 def keep_count(density: float, m: int) -> int:
-    """``k = floor(density * m)``, robust to float error (METHOD §7 "our rule").
+    """``k = floor(density * m)``, robust to float error (docs/METHOD.md §7, D9).
 
     Args:
         density: fraction kept, in (0, 1].
@@ -96,7 +96,7 @@ def select_keep_mask(
     granularity: str = "block",
     block_size: int = 128,
 ) -> torch.Tensor:
-    """Keep exactly ``floor(density * m)`` highest-scoring entries per selection group (METHOD §7, D9-D10).
+    """Keep exactly ``floor(density * m)`` highest-scoring entries per selection group (docs/METHOD.md §7, D9-D10).
 
     Args:
         scores: ``(rows, cols)`` scores, higher = keep. NaN is rejected.
@@ -144,7 +144,7 @@ def select_keep_mask(
 
 
 def select_keep_masks_global(scores: Mapping[str, torch.Tensor], density: float) -> dict[str, torch.Tensor]:
-    """One exact top-k over every tensor at once (granularity ``global``, METHOD §7).
+    """One exact top-k over every tensor at once (granularity ``global``, docs/METHOD.md §7).
 
     Ties: ranked by the mapping's iteration order, then by flat index within a tensor (lower wins). The
     concatenated scores live on the first tensor's device; memory is about 12 bytes per entry (fp32 scores

@@ -1,4 +1,4 @@
-"""Patch scores: salience, sensitivity and their per-row z-score fusion (METHOD.md §4-§6). Higher = keep.
+"""Patch scores: salience, sensitivity and their per-row z-score fusion (docs/METHOD.md §4-§6). Higher = keep.
 
 All functions are pure and work on any device; they compute in the input's floating dtype (fp32 in the kernel,
 fp64 in oracle tests).
@@ -16,7 +16,7 @@ SENSITIVITY_KINDS = ("weight", "revert")
 
 
 def salience(base: torch.Tensor, finetuned: torch.Tensor) -> torch.Tensor:
-    """``|finetuned - base|``: "a large change matters" (METHOD §4). Computed once, never compensated.
+    """``|finetuned - base|``: "a large change matters" (docs/METHOD.md §4). Computed once, never compensated.
 
     Args:
         base: ``(rows, cols)`` pre-trained weights.
@@ -38,7 +38,7 @@ def sensitivity(
     base: torch.Tensor | None = None,
     kind: str = "weight",
 ) -> torch.Tensor:
-    """OBS sensitivity of one column block at its start (METHOD §5, D5).
+    """OBS sensitivity of one column block at its start (docs/METHOD.md §5, D5).
 
     ``weight`` (the official code): ``W_bar^2 / U_jj^2``, twice the OBS cost of setting an entry to zero.
     ``revert``: ``(W_bar - W_pre)^2 / U_jj^2``, twice the OBS cost of what Model Tailor does (revert to base).
@@ -69,7 +69,7 @@ def sensitivity(
 
 
 def zscore_rows(A: torch.Tensor) -> torch.Tensor:
-    """Per-row z-score over the columns with the unbiased (n-1) std (METHOD §6); z = 0 where sigma = 0 (D7).
+    """Per-row z-score over the columns with the unbiased (n-1) std (docs/METHOD.md §6); z = 0 where sigma = 0 (D7).
 
     A single column (n - 1 = 0) has no spread either and also gives z = 0.
 
@@ -84,12 +84,12 @@ def zscore_rows(A: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(A)
     sigma = A.std(dim=-1, unbiased=True, keepdim=True)
     spread = sigma > 0
-    # The official code divides by sigma = 0 and gets NaN, which silently keeps whole blocks (METHOD §6).
+    # The official code divides by sigma = 0 and gets NaN, which silently keeps whole blocks (docs/METHOD.md §6).
     return torch.where(spread, (A - mu) / torch.where(spread, sigma, torch.ones_like(sigma)), torch.zeros_like(A))
 
 
 def fuse_scores(sal: torch.Tensor, sens: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``alpha * z(sal) + (1 - alpha) * z(sens)`` on one column block (METHOD §6). Higher = keep.
+    """``alpha * z(sal) + (1 - alpha) * z(sens)`` on one column block (docs/METHOD.md §6). Higher = keep.
 
     Args:
         sal: ``(rows, b)`` salience of the block.

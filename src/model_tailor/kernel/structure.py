@@ -33,7 +33,7 @@ def lowrank_patch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Best rank-``rank`` patch in the H-weighted norm: ``min_{A,B} ||(W_pre + A B - target) X||^2``.
 
-    With ``H_tilde = L L^T`` (damped as in METHOD §3) the error is ``||(D - A B) L||_F^2`` for
+    With ``H_tilde = L L^T`` (damped as in docs/METHOD.md §3) the error is ``||(D - A B) L||_F^2`` for
     ``D = target - base``, so the truncated SVD of ``D L`` mapped back with ``L^{-1}`` is optimal
     (Eckart-Young). Singular values are split evenly between the factors.
 

@@ -1,4 +1,4 @@
-"""Tailor one weight matrix: score, select the patch, decorate it, guard it (METHOD.md §3-§8, D1-D14).
+"""Tailor one weight matrix: score, select the patch, decorate it, guard it (docs/METHOD.md §3-§8, D1-D14).
 
 ``tailor_weight`` is the kernel contract of docs/ARCHITECTURE.md: tensors in, a :class:`TailoredWeight` out.
 Everything model-specific (hooks, calibration, propagation) lives in the pipeline.
@@ -36,7 +36,7 @@ SALIENCE_SOURCES = ("delta", "target")
 
 @dataclass(frozen=True)
 class TailorStats:
-    """What happened to one tensor (reported per module, METHOD §13).
+    """What happened to one tensor (reported per module, docs/METHOD.md §13).
 
     Attributes:
         name: parameter name (or None).
@@ -145,14 +145,14 @@ def tailor_weight(
     name: str | None = None,
     salience_from: str = "delta",
 ) -> TailoredWeight:
-    """Tailor one linear weight (METHOD §2-§8): keep a ``density`` patch of the delta, revert the rest.
+    """Tailor one linear weight (docs/METHOD.md §2-§8): keep a ``density`` patch of the delta, revert the rest.
 
     Args:
         base: ``(rows, cols)`` pre-trained weight W_pre (rows = out_features).
         finetuned: ``(rows, cols)`` fine-tuned weight W_ft.
         hessian: ``(cols, cols)`` layer Hessian ``~ X X^T`` of the module inputs. May be None only when
             nothing needs it (``compensation="none"`` with ``alpha=1`` or a given ``keep_mask``: the data-free
-            mode, METHOD §10).
+            mode, docs/METHOD.md §10).
         density: fraction of entries kept per selection group, in (0, 1] (D8).
         alpha: fusion weight of salience against sensitivity, in [0, 1] (D6).
         block_size: column block width of the scores, the block granularity and the sweep (D12).
@@ -197,7 +197,7 @@ def tailor_weight(
     rows, cols = base.shape
     clock = _Clock(device)
 
-    # Trivial cases need no Hessian: density 1 keeps everything (STYLE §7: the full delta), and an all-zero
+    # Trivial cases need no Hessian: density 1 keeps everything (the full delta), and an all-zero
     # delta (target == base) gives an empty patch rather than floor(rho*m) entries that change nothing.
     all_kept = keep_mask is None and density == 1.0
     no_delta = keep_mask is None and not bool((T != V).any())
@@ -219,7 +219,7 @@ def tailor_weight(
             timing = "upfront"
 
         sal_src = T if salience_from == "target" else finetuned.to(device=device, dtype=dtype)
-        sal = salience(V, sal_src)  # METHOD §4: once, from the original delta
+        sal = salience(V, sal_src)  # docs/METHOD.md §4: once, from the original delta
         U_diag = factor.U.diagonal() if factor is not None else None
 
         def block_scores(W_block: torch.Tensor, cols_: slice) -> torch.Tensor:
@@ -240,7 +240,7 @@ def tailor_weight(
             keep = select_keep_mask(scores, density, granularity=granularity, block_size=block_size)
         clock.lap("select")
 
-        # METHOD §7 adaptive: each block's mask is chosen from W_bar inside the sweep (exact k per block).
+        # docs/METHOD.md §7 adaptive: each block's mask is chosen from W_bar inside the sweep (exact k per block).
         def adaptive(W_block: torch.Tensor, cols_: slice) -> torch.Tensor:
             return select_keep_mask(block_scores(W_block, cols_), density, granularity="tensor")
 
@@ -275,7 +275,7 @@ def tailor_weight(
 
     if not bool(torch.isfinite(W_final).all()):
         raise NumericalError(f"{name or 'tensor'}: tailored weight contains NaN or Inf", layer=name)
-    # Cast on return; off-mask entries are taken from base itself, so they are bitwise base (ARCHITECTURE).
+    # Cast on return; off-mask entries are taken from base itself, so they are bitwise base (docs/ARCHITECTURE.md).
     weight = torch.where(keep, W_final.to(base.dtype), base)
     kept = int(keep.sum())
     stats = TailorStats(

@@ -1,4 +1,4 @@
-"""Apply patches to a checkpoint, or remove them, streaming one tensor at a time (STYLE §9 "Apply", METHOD
+"""Apply patches to a checkpoint, or remove them, streaming one tensor at a time (docs/METHOD.md
 §12).
 
 ``apply_patches`` reads the base lazily, adds the (combined, when several) patch deltas in fp32, casts back to

@@ -1,4 +1,4 @@
-"""Multi-task combination of sparse patches made against one base (METHOD §12; registry "combine").
+"""Multi-task combination of sparse patches made against one base (docs/METHOD.md §12; registry "combine").
 
 Default, the disjoint mean: ``W = W_pre + sum_t w_t P_t / max(1, C)`` with ``C`` the number of patches
 covering each entry, so patches add where they do not overlap and average where they do. Other policies:
@@ -39,7 +39,7 @@ LOWRANK_POLICIES = ("sum", "mean")
 
 @COMBINE.register("disjoint-mean", reference="https://arxiv.org/abs/2402.12048")
 def disjoint_mean(values: Tensor, covered: Tensor) -> Tensor:
-    """Sum where patches are disjoint, average where they overlap (METHOD §12, the default)."""
+    """Sum where patches are disjoint, average where they overlap (docs/METHOD.md §12, the default)."""
     return values.sum(0) / covered.sum(0).clamp(min=1)
 
 
@@ -91,7 +91,7 @@ class TensorOverlap:
 
 @dataclass
 class CombineReport:
-    """Per-tensor overlap of a combination (overlap also serves as a task-similarity proxy, METHOD §12)."""
+    """Per-tensor overlap of a combination (overlap also serves as a task-similarity proxy, docs/METHOD.md §12)."""
 
     policy: str
     weights: list[float]

@@ -1,4 +1,4 @@
-"""Base-model fingerprint: which checkpoint a patch was made for (STYLE §9 ``base_fingerprint``).
+"""Base-model fingerprint: which checkpoint a patch was made for (the patch file's ``base_fingerprint``).
 
 The fingerprint is a sha256 over the sorted ``(name, shape, dtype)`` triples of every tensor, plus a sha256 of
 the raw bytes of each named (targeted) tensor. ``apply`` compares it with the checkpoint it patches, so a

@@ -1,4 +1,4 @@
-"""Patch files: save and load a ``SparsePatch`` as one safetensors file, format v1 (STYLE §9), atomically.
+"""Patch files: save and load a ``SparsePatch`` as one safetensors file, format v1, atomically.
 
 Layout, for every parameter name ``<p>`` (full HF name):
 

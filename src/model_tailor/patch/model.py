@@ -1,10 +1,10 @@
-"""Sparse patches: the decorated delta ``W_MT - W_pre`` at kept positions, ready to graft onto a base (STYLE
-§9).
+"""Sparse patches: the decorated delta ``W_MT - W_pre`` at kept positions, ready to graft onto a base
+(docs/ARCHITECTURE.md, patch file).
 
 A ``TensorPatch`` holds one parameter's patch as flat row-major indices (int64, sorted, unique) and fp32
 values, plus optional low-rank factors ``(A, B)``; its dense delta is ``scatter(values) + A @ B``. A
 ``SparsePatch`` maps full HF parameter names to tensor patches and carries the provenance (``PatchMetadata``)
-written into the patch file. Maths runs in fp32 and results are cast to the base dtype (STYLE §9 "Apply").
+written into the patch file. Maths runs in fp32 and results are cast to the base dtype.
 """
 
 from __future__ import annotations
@@ -269,7 +269,7 @@ def index_problem(indices: Tensor, numel: int) -> str:
 
 @dataclass
 class PatchMetadata:
-    """Provenance written into the patch file (STYLE §9): every field is JSON-serialisable.
+    """Provenance written into the patch file: every field is JSON-serialisable.
 
     Attributes:
         shapes: parameter name -> shape (filled from the tensors when saving).

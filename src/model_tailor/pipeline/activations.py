@@ -9,7 +9,7 @@ Hessians of one block's target linears use one accumulator per distinct input.
 Forward hooks read each target's input. Linears that receive the *same tensor object* in a forward pass
 (q/k/v_proj, gate/up_proj) share one :class:`HessianAccumulator`, found on the first batch by identity, so a
 LLaMA block accumulates 4 Hessians, not 7. Padding positions are left out through a token mask matched on the
-input's leading shape (METHOD §9 fix, D16).
+input's leading shape (docs/METHOD.md §9, D16).
 """
 
 from __future__ import annotations
@@ -181,7 +181,7 @@ def accumulate(
 
 
 def token_masks(role: str, inputs: dict[str, torch.Tensor], token_mask: torch.Tensor, nq: int) -> list[torch.Tensor]:
-    """Candidate padding masks of a batch for the Hessians of a block list of ``role`` (METHOD §9, D16)."""
+    """Candidate padding masks of a batch for the Hessians of a block list of ``role`` (docs/METHOD.md §9, D16)."""
     if role == "language":
         return [token_mask]
     if role == "qformer" and "qformer_attention_mask" in inputs:

@@ -4,7 +4,7 @@ Blocks are discovered, never hard-coded: every outermost ``nn.ModuleList`` whose
 class and hold parameters is a block list (``model.layers``, ``qformer.encoder.layer``, ``visual.blocks``...).
 Its *role* (vision / qformer / language) comes from a small table of path words, which also fixes the forward
 order of the lists (vision tower, then Q-Former, then language model). Default targets are the language and
-Q-Former blocks (METHOD §16 D18, D23).
+Q-Former blocks (docs/METHOD.md, D18, D23).
 
 The skeleton holds parameters on the ``meta`` device (buffers, such as rotary ``inv_freq``, stay real), so a
 model of any size costs nothing until the pipeline materialises one module at a time. Names of the skeleton

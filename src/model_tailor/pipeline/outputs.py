@@ -1,7 +1,7 @@
 """Outputs of a run: the sparse patch, and on request the full tailored model written shard by shard.
 
 Both stream one tensor at a time from the readers: a target is ``base`` with its tailored values, a changed
-non-target follows its action (METHOD §11), an identical tensor is copied from base. The patch holds every
+non-target follows its action (docs/METHOD.md §11), an identical tensor is copied from base. The patch holds every
 tensor that differs from base in the tailored model, so ``apply(base, patch)`` equals the saved model.
 """
 
@@ -75,7 +75,7 @@ def save_model(source: WeightSource, out_dir: Path, *, max_shard_bytes: int, ove
 
 
 def calibration_info(cfg: TailorConfig, calib: CalibrationSet | None) -> dict[str, Any]:
-    """The report's calibration section: file, exact lines used, counts and warnings (METHOD §10)."""
+    """The report's calibration section: file, exact lines used, counts and warnings (docs/METHOD.md §10)."""
     if calib is None:
         return {"mode": "data-free"}
     return {

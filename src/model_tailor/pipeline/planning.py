@@ -6,7 +6,7 @@ block
 (fine-tuned in the compute dtype, plus fp32 base / fine-tuned / result copies of its largest target), the
 modules outside blocks, the calibration activations (input and output of a block) and the block's Hessians.
 Time assumes ~1e10 FLOP/s on CPU and ~1e13 on CUDA and counts Hessians, factorisations, sweeps and two block
-passes per calibration token (METHOD §9 "Cost per module").
+passes per calibration token (docs/METHOD.md §9 "Memory and cost").
 """
 
 from __future__ import annotations

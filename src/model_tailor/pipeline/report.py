@@ -1,7 +1,7 @@
 """TailorReport: what a tailoring run did, as JSON (``<out>.report.json``) and as a readable summary.
 
-Per layer: kept entries, reconstruction error without and with compensation (METHOD §13), time per stage.
-Every changed non-target is listed with its action (METHOD §11); the calibration lines used are recorded
+Per layer: kept entries, reconstruction error without and with compensation (docs/METHOD.md §13), time per stage.
+Every changed non-target is listed with its action (docs/METHOD.md §11); the calibration lines used are recorded
 (§10).
 """
 
@@ -13,7 +13,7 @@ from typing import Any
 
 __all__ = ["LayerReport", "TailorPlan", "TailorReport"]
 
-# Both halves of the preserve-aware objective (PILOT.md), normalised H, masked and final weights.
+# Both halves of the preserve-aware objective (docs/METHOD.md §14), normalised H, masked and final weights.
 _TRADEOFF = ("target_error_masked", "target_error_final", "preserve_error_masked", "preserve_error_final")
 
 
@@ -38,7 +38,7 @@ class LayerReport:
 
     @property
     def params(self) -> int:
-        """Patch parameters: sparse entries plus ``rank * (rows + cols)`` per low-rank pair (Issue 5)."""
+        """Patch parameters: sparse entries plus ``rank * (rows + cols)`` per low-rank pair (docs/METHOD.md §15)."""
         return sum(int(s.get("params", s["kept"])) for s in self.tensors.values())
 
     @property

@@ -1,4 +1,4 @@
-"""run_tailor(cfg): the only module that knows the stage order of a tailoring run (METHOD §9).
+"""run_tailor(cfg): the only module that knows the stage order of a tailoring run (docs/METHOD.md §9).
 
 1 open base and fine-tuned lazily, check them against each other, diff tensor by tensor (NaN/Inf check);
 2 build a meta skeleton, discover its block lists, select targets and the policy of the other changed tensors;
@@ -129,7 +129,7 @@ class _Runner:
         H_o: torch.Tensor | None = None,
     ) -> tuple[SparseValues, dict[str, Any]]:
         b32, f32 = base.to(self.device, torch.float32), ft.to(self.device, torch.float32)
-        if transposed:  # GPT-2 Conv1D stores (in, out); the kernel wants (rows=out, cols=in) (METHOD §1)
+        if transposed:  # GPT-2 Conv1D stores (in, out); the kernel wants (rows=out, cols=in) (docs/METHOD.md §1)
             b32, f32 = b32.T.contiguous(), f32.T.contiguous()
             keep_mask = keep_mask.T.contiguous() if keep_mask is not None else None
         res, extra = tailor_tensor(b32, f32, H, H_o, self.cfg, keep_mask=keep_mask, name=name)
@@ -144,7 +144,7 @@ class _Runner:
         return sv, stats
 
     def _tailor_data_free(self, name: str, base: torch.Tensor, ft: torch.Tensor) -> SparseValues:
-        """``tailor`` policy for Linears outside blocks: salience-only, no calibration (METHOD §10)."""
+        """``tailor`` policy for Linears outside blocks: salience-only, no calibration (docs/METHOD.md §10)."""
         nt = next(n for n in self.prep.plan.non_targets if n.name == name)
         sv, stats = self._kernel(name, base, ft, None, nt.transposed)
         self.data_free[name] = stats
@@ -168,7 +168,7 @@ class _Runner:
 
     # -- stages ---------------------------------------------------------------------------------------------
     def global_masks(self) -> None:
-        """``granularity: global``: one threshold over all targets on salience |delta| (METHOD §4, §7).
+        """``granularity: global``: one threshold over all targets on salience |delta| (docs/METHOD.md §4, §7).
 
         The fused score's sensitivity half needs the compensated weights of each block, which a global
         threshold
@@ -245,7 +245,8 @@ class _Runner:
         self, list_path: str, idx: int, stream: Stream, pstream: Stream | None, last_in_list: bool
     ) -> tuple[Stream, Stream | None]:
         """One block: H_t on the target stream (fine-tuned targets); with preserve data, H_o and the next
-        preserve inputs from one pass with BASE target weights (PILOT.md); tailor; replay the tailored block."""
+        preserve inputs from one pass with BASE target weights (docs/METHOD.md §14); tailor; replay the tailored
+        block."""
         path = f"{list_path}.{idx}"
         targets = self.prep.plan.targets_in(list_path, idx)
         self.mat.load(path)
@@ -346,7 +347,7 @@ def run_tailor(cfg: TailorConfig, *, progress: bool = False) -> TailorResult:
         )
         runner.warnings.extend(calib.warnings)
     seconds["calibration"] = time.perf_counter() - t0
-    if cfg.preserve is not None:  # PILOT.md dual objective; None runs exactly the plain pipeline
+    if cfg.preserve is not None:  # docs/METHOD.md §14; None runs exactly the plain pipeline
         t0 = time.perf_counter()
         runner.preserve = load_preserve(cfg, prep.finetuned.config_dir, type(prep.model))
         runner.warnings.extend(f"preserve: {w}" for w in runner.preserve.calib.warnings)

@@ -1,11 +1,11 @@
 """Which parameters take part: tailoring targets, and an explicit policy for every other changed tensor.
 
-Default targets (METHOD §16 D18, D23) are the 2-D Linear (or transposed GPT-2 ``Conv1D``) weights with
+Default targets (docs/METHOD.md, D18, D23) are the 2-D Linear (or transposed GPT-2 ``Conv1D``) weights with
 ``delta != 0`` inside the blocks of the language model(s) and the Q-Former. ``include`` / ``exclude`` are
 ``fnmatch`` globs over full checkpoint names; ``include`` may also reach blocks of other roles (vision tower).
-Every changed tensor that is not a target gets a named action (METHOD §11, D19): ``reset`` to base,
-``keep`` fine-tuned, or ``tailor`` (Linear weights outside blocks: salience-only, data-free, METHOD §10).
-Identical tensors are copied through untouched. Nothing is dropped silently (STYLE.md §2.7).
+Every changed tensor that is not a target gets a named action (docs/METHOD.md §11, D19): ``reset`` to base,
+``keep`` fine-tuned, or ``tailor`` (Linear weights outside blocks: salience-only, data-free, docs/METHOD.md §10).
+Identical tensors are copied through untouched. Nothing is dropped silently.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ class TargetParam:
         name: checkpoint tensor name (patch key).
         module: skeleton path of the owning Linear / Conv1D module.
         block_list: skeleton path of the block list, ``block``: index of the block in it.
-        shape: stored shape; ``transposed`` is True for ``Conv1D`` (stored ``(in, out)``, METHOD §1).
+        shape: stored shape; ``transposed`` is True for ``Conv1D`` (stored ``(in, out)``, docs/METHOD.md §1).
     """
 
     name: str

@@ -4,9 +4,9 @@ skeleton.
 :class:`WeightSource` answers "what is tensor X right now": a tailored target (kept as sparse indices and
 values
 in the base dtype, so the patch is the only growing state), a fine-tuned target not tailored yet, or a
-non-target resolved by its policy (METHOD §11). :class:`Materializer` copies those values into the skeleton's
+non-target resolved by its policy (docs/METHOD.md §11). :class:`Materializer` copies those values into the skeleton's
 modules on demand (forward pre-hooks) and sends whole blocks back to ``meta`` after they ran, so peak memory
-grows with one block, not with the model (LLM Compressor sequential onloading; METHOD §9 "Memory").
+grows with one block, not with the model (LLM Compressor sequential onloading; docs/METHOD.md §9 "Memory and cost").
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ __all__ = ["Materializer", "SparseValues", "WeightSource"]
 @dataclass(frozen=True)
 class SparseValues:
     """A tailored tensor as ``base`` with ``values`` (base dtype) written at flat ``indices`` (the keep
-    mask), plus optional fp32 low-rank factors ``(A, B)`` in checkpoint layout (``structure`` lowrank, Issue 5).
+    mask), plus optional fp32 low-rank factors ``(A, B)`` in checkpoint layout (docs/METHOD.md §15).
     """
 
     indices: torch.Tensor  # int32 (int64 when numel >= 2**31) (k,), sorted
