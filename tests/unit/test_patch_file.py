@@ -14,15 +14,20 @@ from model_tailor.errors import ConfigError, PatchFormatError
 from model_tailor.patch.format import FORMAT_NAME, _index_dtype, load_patch, save_patch
 from model_tailor.patch.model import PatchMetadata, SparsePatch, TensorPatch
 
-GOLDEN_SHA256 = "93f574355d2688005bbf64bcce75cfe6713972e70d2960a4b6c4d7592df7782f"
+GOLDEN_SHA256 = "d22cc6b8b0484726116b12fbc9aaca5d5e792b5125dc879a6af65bc39027728e"
+# sha256 of b"indices/w\tI32\t[2]\n" + int32 [0, 3] + b"values/w\tF32\t[2]\n" + fp32 [0.5, -1.0] (recomputed
+# from scratch in test_checksum_is_sha256_of_names_dtypes_shapes_and_bytes_in_sorted_order).
+GOLDEN_PAYLOAD = "6db63b8ef2ff0254daaf3dd802e9b31d9df1d903446c927c581c1383ab9abde3"
 GOLDEN_HEADER = (
     '{"__metadata__":{"base_dtypes":"{\\"w\\":\\"bfloat16\\"}","base_fingerprint":"{\\"algorithm\\":\\"sha256\\",'
     '\\"content\\":{},\\"num_tensors\\":1,\\"structure\\":\\"' + "ab" * 32 + '\\"}","config":"{\\"density\\":0.5}",'
     '"created":"2024-01-01T00:00:00+00:00","format":"model-tailor-patch","format_version":"1",'
-    '"reset_params":"[]","shapes":"{\\"w\\":[2,2]}","stats":"{\\"w\\":{\\"density\\":0.5}}",'
+    '"payload_sha256":"'
+    + GOLDEN_PAYLOAD
+    + '","reset_params":"[]","shapes":"{\\"w\\":[2,2]}","stats":"{\\"w\\":{\\"density\\":0.5}}",'
     '"versions":"{\\"model-tailor\\":\\"0.1.0\\"}"},'
     '"indices/w":{"dtype":"I32","shape":[2],"data_offsets":[0,8]},'
-    '"values/w":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}  '
+    '"values/w":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}      '
 )
 GOLDEN_DATA = "00000000030000000000003f000080bf"  # int32 [0, 3] then fp32 [0.5, -1.0], little-endian
 
@@ -188,3 +193,109 @@ def test_unknown_metadata_keys_warn_and_are_kept(tmp_path):
     with pytest.warns(UserWarning, match="future_key"):
         patch = load_patch(path)
     assert patch.metadata.extra == {"future_key": "42"}
+
+
+# -- payload checksum ---------------------------------------------------------------------------------------
+def _data_start(raw: bytes) -> int:
+    (n,) = struct.unpack("<Q", raw[:8])
+    return 8 + n
+
+
+def test_every_tensor_data_byte_flip_is_refused(tmp_path):
+    """1-3 flipped bytes anywhere in the tensor data change the payload checksum: none loads."""
+    good = save_patch(_random_patch(lowrank=True), tmp_path / "good.safetensors").read_bytes()
+    start = _data_start(good)
+    g = torch.Generator().manual_seed(0)
+    for trial in range(50):
+        raw = bytearray(good)
+        for _ in range(1 + trial % 3):
+            pos = start + int(torch.randint(len(good) - start, (1,), generator=g))
+            raw[pos] ^= 1 << int(torch.randint(8, (1,), generator=g))
+        if bytes(raw) == good:  # two flips of the same bit cancel
+            continue
+        (tmp_path / "bad.safetensors").write_bytes(bytes(raw))
+        with pytest.raises(PatchFormatError, match="checksum") as info:
+            load_patch(tmp_path / "bad.safetensors")
+        assert "bad.safetensors" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_checksum_is_sha256_of_names_dtypes_shapes_and_bytes_in_sorted_order(tmp_path):
+    path = save_patch(_golden_patch(), tmp_path / "g.safetensors")
+    stream = (
+        b"indices/w\tI32\t[2]\n" + bytes.fromhex("0000000003000000") + b"values/w\tF32\t[2]\n"
+        + bytes.fromhex("0000003f000080bf")
+    )  # fmt: skip
+    raw = path.read_bytes()
+    header = json.loads(raw[8 : _data_start(raw)])
+    assert header["__metadata__"]["payload_sha256"] == hashlib.sha256(stream).hexdigest()
+
+
+def test_old_file_without_checksum_loads_with_a_note(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="model_tailor.patch.format"):
+        patch = load_patch(_write(tmp_path / "old.safetensors"))
+    assert patch.tensors["w"].nnz == 2
+    assert "no payload checksum" in caplog.text and "old.safetensors" in caplog.text
+
+
+def test_a_valid_checksum_of_other_data_is_refused(tmp_path):
+    tensors = {"indices/w": _idx([0, 4]), "values/w": torch.tensor([1.0, 2.0])}
+    with pytest.raises(PatchFormatError, match="checksum"):
+        load_patch(_write(tmp_path / "p.safetensors", tensors, payload_sha256="0" * 64))
+
+
+# -- metadata of the wrong type -----------------------------------------------------------------------------
+_DEEP = "[" * 100_000 + "]" * 100_000
+
+
+@pytest.mark.parametrize(
+    ("meta", "field"),
+    [
+        ({"format_version": "²"}, "format_version"),
+        ({"format_version": "1" * 5000}, "format_version"),
+        ({"format_version": "1..2"}, "format_version"),
+        ({"base_fingerprint": "[1, 2]"}, "base_fingerprint"),
+        ({"base_fingerprint": '"abc"'}, "base_fingerprint"),
+        ({"base_fingerprint": '{"content": [1]}'}, "base_fingerprint"),
+        ({"base_fingerprint": '{"content": {"w": 3}}'}, "base_fingerprint"),
+        ({"base_fingerprint": '{"structure": 5}'}, "base_fingerprint"),
+        ({"base_fingerprint": '{"algorithm": null}'}, "base_fingerprint"),
+        ({"base_fingerprint": '{"num_tensors": "two"}'}, "base_fingerprint"),
+        ({"base_fingerprint": '{"num_tensors": true}'}, "base_fingerprint"),
+        ({"base_fingerprint": '{"forced_across_bases": "yes"}'}, "base_fingerprint"),
+        ({"base_dtypes": "[]"}, "base_dtypes"),
+        ({"base_dtypes": '{"w": 16}'}, "base_dtypes"),
+        ({"versions": "3"}, "versions"),
+        ({"versions": '{"torch": [2]}'}, "versions"),
+        ({"reset_params": "5"}, "reset_params"),
+        ({"reset_params": "[1, 2]"}, "reset_params"),
+        ({"reset_params": '"model.norm.weight"'}, "reset_params"),
+        ({"config": "[]"}, "config"),
+        ({"config": '{"density": NaN}'}, "config"),
+        ({"stats": "0.5"}, "stats"),
+        ({"stats": _DEEP}, "stats"),
+        ({"shapes": json.dumps({"w": [2, True]})}, "shapes"),
+        ({"shapes": json.dumps({"w": [2, 2**70]})}, "shapes"),
+        ({"payload_sha256": "xyz"}, "payload_sha256"),
+    ],
+)
+def test_metadata_of_the_wrong_type_is_refused_naming_the_field(tmp_path, meta, field):
+    path = _write(tmp_path / "p.safetensors", **meta)
+    with pytest.raises(PatchFormatError, match=field) as info:
+        load_patch(path)
+    assert "\n" not in str(info.value) and "p.safetensors" in str(info.value)
+
+
+def test_metadata_of_the_right_types_loads(tmp_path):
+    fp = {"algorithm": "sha256", "structure": "ab" * 32, "num_tensors": 1, "content": {"w": "cd" * 32}}
+    path = _write(
+        tmp_path / "p.safetensors",
+        base_fingerprint=json.dumps(fp),
+        base_dtypes='{"w": "bfloat16"}',
+        versions='{"torch": "2.13.0"}',
+        reset_params='{"model.norm.weight": "tuned"}',
+        config='{"density": 0.5, "nested": [1, {"a": null}]}',
+        stats='{"w": {"kept": 2}}',
+    )
+    meta = load_patch(path).metadata
+    assert meta.base_fingerprint == fp and meta.reset_params == {"model.norm.weight": "tuned"}
+    assert meta.config["nested"] == [1, {"a": None}] and meta.versions == {"torch": "2.13.0"}

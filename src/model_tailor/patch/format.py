@@ -8,9 +8,15 @@ Layout, for every parameter name ``<p>`` (full HF name):
   any tensor carries low-rank factors. Version-1 files stay readable; a v2 file without factors is never
   written.
 
-Metadata (all strings): ``format = "model-tailor-patch"``, ``format_version``, ``created`` (ISO time) and the
-JSON strings ``shapes``, ``base_dtypes``, ``base_fingerprint``, ``config``, ``versions``, ``stats``,
-``reset_params``.
+Metadata (all strings): ``format = "model-tailor-patch"``, ``format_version``, ``created`` (ISO time),
+``payload_sha256`` and the JSON strings ``shapes``, ``base_dtypes``, ``base_fingerprint``, ``config``,
+``versions``, ``stats``, ``reset_params``. Each field's type is checked on load (``schema.py``).
+
+``payload_sha256`` is the sha256 of, for every tensor key in sorted order, the UTF-8 line
+``<key>\t<dtype code>\t<shape as JSON>\n`` followed by the tensor's raw little-endian bytes. ``load_patch``
+refuses a file whose tensors do not hash to it (a flipped byte in the values would otherwise load and write
+other weights); files written before the checksum existed load with a logged note. The format version is
+unchanged: older readers see an unknown key and warn.
 
 The writer is byte-deterministic (the safetensors library orders metadata by a randomised hash map, so the
 container is serialised here): header JSON with sorted metadata keys and compact JSON values, tensors laid out
@@ -20,6 +26,7 @@ bytes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -37,13 +44,15 @@ from model_tailor import __version__
 from model_tailor.errors import ConfigError, PatchFormatError
 from model_tailor.io.atomic import atomic_path
 from model_tailor.patch.model import PatchMetadata, SparsePatch, TensorPatch, current_versions, index_problem, utc_now
+from model_tailor.patch.schema import CHECKS, SHA256_RE, VERSION_RE, MetadataError, parse_json
 
 logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "model-tailor-patch"
 SUPPORTED_MAJOR_VERSIONS = (1, 2)
 JSON_KEYS = ("shapes", "base_dtypes", "base_fingerprint", "config", "versions", "stats", "reset_params")
-KNOWN_KEYS = frozenset(("format", "format_version", "created", *JSON_KEYS))
+PAYLOAD_KEY = "payload_sha256"
+KNOWN_KEYS = frozenset(("format", "format_version", "created", PAYLOAD_KEY, *JSON_KEYS))
 PREFIXES = ("indices", "values", "lowrank_a", "lowrank_b")
 _ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int32: "I32",
               torch.int64: "I64"}  # fmt: skip
@@ -56,6 +65,22 @@ def _dumps(obj: Any) -> str:
 
 def _index_dtype(numel: int) -> torch.dtype:
     return torch.int64 if numel >= 2**31 else torch.int32
+
+
+def _raw_bytes(tensor: Tensor) -> memoryview:
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy() if flat.numel() else b"")
+
+
+def payload_sha256(tensors: dict[str, Tensor]) -> str:
+    """sha256 over every tensor's key, dtype code, shape and raw bytes, keys in sorted order (see module doc)."""
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key]
+        code = _ST_DTYPES.get(t.dtype, str(t.dtype))
+        digest.update(f"{key}\t{code}\t{json.dumps(list(t.shape), separators=(',', ':'))}\n".encode())
+        digest.update(_raw_bytes(t))
+    return digest.hexdigest()
 
 
 def _file_tensors(patch: SparsePatch, value_dtype: torch.dtype) -> dict[str, Tensor]:
@@ -108,8 +133,8 @@ def save_patch(patch: SparsePatch, path: str | os.PathLike[str], *, value_dtype:
     """
     if value_dtype not in _VALUE_DTYPES:
         raise ConfigError(f"value_dtype {value_dtype} is not supported; use torch.float32, bfloat16 or float16")
-    metadata = patch_metadata_strings(patch)
     tensors = _file_tensors(patch, value_dtype)
+    metadata = dict(sorted({**patch_metadata_strings(patch), PAYLOAD_KEY: payload_sha256(tensors)}.items()))
     order = sorted(tensors, key=lambda key: (-tensors[key].element_size(), key))
     header: dict[str, Any] = {"__metadata__": metadata}
     offset = 0
@@ -129,9 +154,7 @@ def save_patch(patch: SparsePatch, path: str | os.PathLike[str], *, value_dtype:
         handle.write(struct.pack("<Q", len(raw_header)))
         handle.write(raw_header)
         for key in order:
-            flat = tensors[key].contiguous().reshape(-1)
-            if flat.numel():
-                handle.write(memoryview(flat.view(torch.uint8).numpy()))
+            handle.write(_raw_bytes(tensors[key]))
     logger.info("wrote patch %s (%d tensors, %d entries, format v%s)", target, len(patch.tensors), patch.nnz,
                 metadata["format_version"])  # fmt: skip
     return target
@@ -156,20 +179,22 @@ def _read_container(path: Path) -> tuple[dict[str, str], dict[str, Tensor]]:
     return metadata, tensors
 
 
-def _parse_metadata(path: Path, raw: dict[str, str]) -> PatchMetadata:
-    if raw.get("format") != FORMAT_NAME:
-        raise _fail(path, f"format is {raw.get('format')!r}, expected {FORMAT_NAME!r}; this is not a patch file")
-    version = raw.get("format_version", "")
-    major = version.split(".")[0]
-    if not major.isdigit():
-        raise _fail(path, f"format_version {version!r} is not a version number; the file is corrupt")
-    if int(major) not in SUPPORTED_MAJOR_VERSIONS:
+def _check_version(path: Path, version: str) -> int:
+    if not VERSION_RE.fullmatch(version):
+        raise _fail(path, f"metadata 'format_version' {version[:40]!r} is not a version number; the file is corrupt")
+    major = int(version.split(".")[0])
+    if major not in SUPPORTED_MAJOR_VERSIONS:
         supported = ", ".join(map(str, SUPPORTED_MAJOR_VERSIONS))
         raise _fail(
             path,
             f"format version {version} is not supported by model-tailor {__version__} (reads {supported}); "
             "upgrade model-tailor",
         )
+    return major
+
+
+def _parse_fields(path: Path, raw: dict[str, str]) -> dict[str, Any]:
+    """Parse and type-check the JSON fields; a missing field is its empty default (``shapes`` is required)."""
     if "shapes" not in raw:
         raise _fail(path, "metadata has no 'shapes' entry; the file is corrupt, re-create it")
     parsed: dict[str, Any] = {}
@@ -177,34 +202,60 @@ def _parse_metadata(path: Path, raw: dict[str, str]) -> PatchMetadata:
         if key not in raw:
             continue
         try:
-            parsed[key] = json.loads(raw[key])
-        except ValueError as err:
-            raise _fail(path, f"metadata {key!r} is not valid JSON ({err}); the file is corrupt") from None
+            value = parse_json(raw[key])
+        except MetadataError as err:
+            raise _fail(path, f"metadata {key!r} {err}; the file is corrupt") from None
+        problem = CHECKS[key](value)
+        if problem:
+            raise _fail(path, f"metadata {key!r} {problem}; the file is corrupt, re-create it")
+        parsed[key] = value
+    return parsed
+
+
+def _parse_metadata(path: Path, raw: dict[str, str]) -> PatchMetadata:
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in raw.items()):
+        raise _fail(path, "metadata must map strings to strings; the file is corrupt")
+    if raw.get("format") != FORMAT_NAME:
+        shown = str(raw.get("format"))[:60]
+        raise _fail(path, f"format is {shown!r}, expected {FORMAT_NAME!r}; this is not a patch file")
+    version = raw.get("format_version", "")
+    _check_version(path, version)
+    if PAYLOAD_KEY in raw and not SHA256_RE.fullmatch(raw[PAYLOAD_KEY]):
+        raise _fail(path, f"metadata {PAYLOAD_KEY!r} is not a sha256 hex digest; the file is corrupt")
+    parsed = _parse_fields(path, raw)
     unknown = sorted(set(raw) - KNOWN_KEYS)
     if unknown:
         warnings.warn(
             f"patch {str(path)!r} has metadata keys unknown to model-tailor {__version__}: "
-            f"{', '.join(unknown)} "
+            f"{', '.join(k[:60] for k in unknown[:10])} "
             "(written by a newer version?); they are kept but ignored",
             stacklevel=3,
         )
-    shapes = parsed.get("shapes")
-    if not isinstance(shapes, dict) or not all(
-        isinstance(s, list) and all(isinstance(d, int) and d >= 0 for d in s) for s in shapes.values()
-    ):
-        raise _fail(path, "metadata 'shapes' must map names to lists of non-negative ints; the file is corrupt")
     return PatchMetadata(
-        shapes=shapes,
-        base_dtypes=parsed.get("base_dtypes") or {},
-        base_fingerprint=parsed.get("base_fingerprint") or {},
-        config=parsed.get("config") or {},
-        versions=parsed.get("versions") or {},
-        stats=parsed.get("stats") or {},
-        reset_params=parsed.get("reset_params") or [],
+        shapes=parsed["shapes"],
+        base_dtypes=parsed.get("base_dtypes", {}),
+        base_fingerprint=parsed.get("base_fingerprint", {}),
+        config=parsed.get("config", {}),
+        versions=parsed.get("versions", {}),
+        stats=parsed.get("stats", {}),
+        reset_params=parsed.get("reset_params", []),
         created=raw.get("created", ""),
         format_version=version,
         extra={key: raw[key] for key in unknown},
     )
+
+
+def _verify_payload(path: Path, raw: dict[str, str], tensors: dict[str, Tensor]) -> None:
+    expected = raw.get(PAYLOAD_KEY)
+    if expected is None:
+        logger.warning(
+            "note: patch %r has no payload checksum (written before model-tailor recorded one), so its "
+            "tensor data cannot be verified; re-save it to add one",
+            str(path),
+        )
+        return
+    if payload_sha256(tensors) != expected:
+        raise _fail(path, "tensor data does not match its payload checksum; the file is corrupt, re-create it")
 
 
 def _check_finite(path: Path, key: str, tensor: Tensor) -> None:
@@ -260,11 +311,14 @@ def load_patch(path: str | os.PathLike[str]) -> SparsePatch:
         PatchFormatError: one line naming the file, the tensor and the fix, for: a missing, non-safetensors or
             truncated file; a wrong format name; an unsupported major version; indices not 1-D, unsorted,
             duplicated or out of range; value count != index count; a tensor without a ``shapes`` entry;
-            NaN/Inf values. Unknown metadata keys only warn (forward compatibility).
+            NaN/Inf values; a metadata field of the wrong type (named); tensor data that does not match
+            ``payload_sha256``. Unknown metadata keys only warn (forward compatibility); a file without a
+            checksum loads with a logged note.
     """
     file = Path(path)
     raw_meta, raw_tensors = _read_container(file)
     meta = _parse_metadata(file, raw_meta)
+    _verify_payload(file, raw_meta, raw_tensors)
     major = int(meta.format_version.split(".")[0])
     grouped: dict[str, dict[str, Tensor]] = {}
     for key, tensor in raw_tensors.items():

@@ -1,0 +1,99 @@
+"""Types of a patch file's metadata fields, checked on load so hostile or damaged metadata is refused up front.
+
+Every check returns ``""`` for a valid value or a short phrase saying what the field must be; ``format.py``
+turns that into one ``PatchFormatError`` naming the file and the field. Unknown keys inside ``config`` and
+``stats`` stay free-form JSON (they are provenance), but everything the code reads has a fixed type.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from typing import Any
+
+VERSION_RE = re.compile(r"[0-9]{1,6}(\.[0-9]{1,6}){0,3}")  # ASCII digits only: "²".isdigit() is True
+SHA256_RE = re.compile(r"[0-9a-f]{64}")
+MAX_DIM = 2**62  # numel and flat indices stay inside int64
+
+
+class MetadataError(ValueError):
+    """A metadata string that is not valid JSON (the caller names the file and the field)."""
+
+
+def _no_constants(token: str) -> Any:
+    raise MetadataError(f"holds the non-JSON constant {token}")
+
+
+def parse_json(text: str) -> Any:
+    """Strict JSON: no NaN/Infinity; deep nesting is an error, not a ``RecursionError``."""
+    try:
+        return json.loads(text, parse_constant=_no_constants)
+    except RecursionError:
+        raise MetadataError("is nested too deeply") from None
+    except MetadataError:
+        raise
+    except ValueError as err:
+        raise MetadataError(f"is not valid JSON ({err})") from None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _str_map(value: Any) -> str:
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        return "must map names to strings"
+    return ""
+
+
+def _mapping(value: Any) -> str:
+    return "" if isinstance(value, dict) else "must be a JSON object"
+
+
+def _shapes(value: Any) -> str:
+    problem = "must map names to lists of non-negative ints"
+    if not isinstance(value, dict):
+        return problem
+    for shape in value.values():
+        if not isinstance(shape, list) or not all(_is_int(d) and 0 <= d < MAX_DIM for d in shape):
+            return problem + f" below 2**62 (got {str(shape)[:40]})"
+        numel = 1
+        for dim in shape:
+            numel *= dim
+        if numel >= MAX_DIM:
+            return f"has a shape of {numel} entries, more than 2**62"
+    return ""
+
+
+def _fingerprint(value: Any) -> str:
+    if not isinstance(value, dict):
+        return "must be a JSON object"
+    for key in ("algorithm", "structure"):
+        if key in value and not isinstance(value[key], str):
+            return f"{key!r} must be a string"
+    if "num_tensors" in value and not (_is_int(value["num_tensors"]) and value["num_tensors"] >= 0):
+        return "'num_tensors' must be a non-negative int"
+    if "content" in value and _str_map(value["content"]):
+        return "'content' must map names to hex digests"
+    forced = value.get("forced_across_bases", [])
+    if not isinstance(forced, list) or not all(isinstance(f, str) for f in forced):
+        return "'forced_across_bases' must be a list of strings"
+    return ""
+
+
+def _reset(value: Any) -> str:
+    if isinstance(value, dict) or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        return ""
+    return "must be a list of names or an object name -> reason"
+
+
+CHECKS: dict[str, Callable[[Any], str]] = {
+    "shapes": _shapes,
+    "base_dtypes": _str_map,
+    "base_fingerprint": _fingerprint,
+    "config": _mapping,
+    "versions": _str_map,
+    "stats": _mapping,
+    "reset_params": _reset,
+}
