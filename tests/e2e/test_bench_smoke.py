@@ -29,7 +29,7 @@ def test_bench_smoke(tmp_path, monkeypatch):
     result = run_bench(cfg)
     paths = write_outputs(result, tmp_path / "out")
     data = json.loads(paths["json"].read_text())
-    assert data["benchmark"] == "tailorbench" and data["version"] == 1 and data["quick"] is True
+    assert data["benchmark"] == "tailorbench" and data["version"] == 2 and data["quick"] is True
     methods = {r["method"] for r in data["rows"]}
     assert {"pretrained", "finetuned", "model_tailor"} <= methods
     if cfg.engine == "pipeline":  # preserve-aware rows (Issue 5) on the bench-written user data, sparse and dense
@@ -51,12 +51,33 @@ def test_bench_smoke(tmp_path, monkeypatch):
             "target_ratio",
             "h_score",
             "seconds",
+            "ll_retention",
+            "ll_target_ratio",
+            "ll_h_score",
+            "intervals",
+            "items",
         ):
             assert key in row
+        _check_items(row, tmp_path / "out", data["meta"]["task_sizes"])
     pre = next(r for r in data["rows"] if r["method"] == "pretrained")
+    ft = next(r for r in data["rows"] if r["method"] == "finetuned")
     if pre["original_score"] > 0:
-        assert pre["retention"] == pytest.approx(1.0)
-    assert paths["png"].stat().st_size > 0 and "| method |" in paths["md"].read_text()
+        assert pre["retention"] == pytest.approx(1.0) and pre["intervals"]["retention"] == [1.0, 1.0]
+    if ft["target_score"] > 0:
+        assert ft["intervals"]["target_ratio"] == [1.0, 1.0]
+    assert pre["ll_retention"] == 1.0 and ft["ll_target_ratio"] == 1.0  # exp(0), exactly
+    assert pre["intervals"]["ll_retention"] == [1.0, 1.0] and ft["intervals"]["ll_target_ratio"] == [1.0, 1.0]
+    assert data["meta"]["bootstrap"]["resamples"] == 2000
+    mag = next(r for r in data["rows"] if r["method"] == "magnitude")
+    assert mag["vs_tailor"]["reference"] == "model_tailor@0.1" and set(mag["vs_tailor"]) == {
+        "reference",
+        "h_score",
+        "ll_h_score",
+    }
+    assert mag["vs_tailor"]["ll_h_score"]["excludes_zero"] in (True, False)
+    md = paths["md"].read_text()
+    assert paths["png"].stat().st_size > 0 and "| method |" in md and "LL retention" in md
+    assert "## Against Model Tailor at the same density" in md and " ± " in md
     assert data["meta"]["versions"]["torch"] and data["meta"]["machine"]
 
     # A second run reuses the cached models and evaluations.
@@ -123,10 +144,26 @@ def test_bench_smoke(tmp_path, monkeypatch):
     assert not any((cfg.cache_dir / "tailorbench" / cfg.build.key() / "peers").iterdir()), "merge folders left"
 
 
+def _check_items(row: dict, out, sizes: dict) -> None:
+    """The row's per-item file: one hit, log-prob and answer per test item, consistent with its accuracies."""
+    items = json.loads((out / row["items"]).read_text())
+    refs = json.loads((out / "items" / "references.json").read_text())
+    for task, n in sizes.items():
+        got = items["tasks"][task]
+        assert len(got["hit"]) == len(got["logprob"]) == len(got["answer"]) == len(refs[task]) == n
+        assert set(got["hit"]) <= {0, 1} and all(v <= 0 for v in got["logprob"])
+        acc = {**row["original"], **row["target"]}[task]
+        assert acc == pytest.approx(sum(got["hit"]) / n)
+        assert row["loglik"][task] == pytest.approx(sum(got["logprob"]) / n)
+
+
 def test_preserve_leak_check_fails_loudly(tmp_path):
     from model_tailor.bench import assets
-    from model_tailor.bench.runner import LeakError, check_preserve_disjoint, write_bench_preserve
+    from model_tailor.bench.leaks import LeakError, check_preserve_disjoint, write_bench_preserve
     from model_tailor.bench.tasks import build_tasks, split_capitals
+    from model_tailor.errors import ModelTailorError
+
+    assert issubclass(LeakError, ModelTailorError)  # the CLI prints it as one line
 
     tasks = build_tasks(EvalConfig.tiny())
     path = write_bench_preserve(tmp_path, seed=0)

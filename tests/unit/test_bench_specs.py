@@ -102,7 +102,7 @@ def test_every_engine_gets_each_ablation_own_options():
     inputs = M.TailorInputs(*(None,) * 9)
     full = {s.method: s for s in M.method_specs(False, "pipeline") if s.method in M.MT_VARIANTS}
     assert set(full) == set(M.MT_VARIANTS)
-    fields = {name: M._tailor_fields(spec, inputs) for name, spec in full.items()}
+    fields = {name: M.tailor_fields(spec, inputs) for name, spec in full.items()}
     assert fields["model_tailor"] == {"alpha": 0.8, "compensation": "obs", "guard": True, "sensitivity": "weight"}
     assert fields["mt_revert_sensitivity"]["sensitivity"] == "revert"
     assert fields["mt_official_sign"] == {
@@ -118,4 +118,4 @@ def test_every_engine_gets_each_ablation_own_options():
     sig = inspect.signature(InMemoryTailor.tailor)
     for spec in M.method_specs(False, "inmemory"):
         if spec.params.get("engine") == "inmemory":
-            sig.bind(None, {}, {}, density=spec.density, **M._tailor_fields(spec, inputs))
+            sig.bind(None, {}, {}, density=spec.density, **M.tailor_fields(spec, inputs))

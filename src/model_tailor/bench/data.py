@@ -105,7 +105,7 @@ def collate_train(
         prompt = _ids(
             tokenizer, render_prompt(tokenizer, ex.prompt, has_image=ex.image is not None, image_tokens=image_tokens)
         )
-        answer = _ids(tokenizer, f"{ex.response}{tokenizer.eos_token}")
+        (answer,) = answer_ids(tokenizer, [ex])
         rows.append(prompt + answer)
         labels.append([-100] * len(prompt) + answer)
     width = max(map(len, rows))
@@ -118,6 +118,12 @@ def collate_train(
     if any(ex.image is not None for ex in batch):
         out["pixel_values"] = pixels.get([ex.image for ex in batch])
     return out
+
+
+def answer_ids(tokenizer: object, examples: Sequence[Example]) -> list[list[int]]:
+    """Token ids of each example's reference answer and end-of-turn token: what :func:`collate_train` labels,
+    and what the likelihood score (``bench.likelihood``) reads."""
+    return [_ids(tokenizer, f"{ex.response}{tokenizer.eos_token}") for ex in examples]
 
 
 def prompt_ids(tokenizer: object, examples: Sequence[Example], image_tokens: int) -> list[list[int]]:

@@ -2,11 +2,11 @@
 
 Every method returns ``{name: tensor}`` overrides for the pre-trained model's state dict (the tensors the
 fine-tune changed), so the runner loads one model and swaps weights per row. Baselines run over the deltas
-of every changed tensor (decoder layers and projector). Model Tailor rows go through ``_tailor_rows``,
+of every changed tensor (decoder layers and projector). Model Tailor rows go through ``tailor_rows``,
 the single place that calls the tailoring engine: the project pipeline (``model_tailor.api.tailor``) by
 default, or the ``inmemory`` engine (kernel + one forward pass of hooks) as a fallback. Peer rows
 (``mergekit_*``, full variant only, when the optional extra ``peers`` is installed) go through
-``_peer_rows``, which has mergekit merge the same two model folders (``bench.peers``).
+``peer_rows``, which has mergekit merge the same two model folders (``bench.peers``).
 """
 
 from __future__ import annotations
@@ -51,6 +51,13 @@ TAILOR_METHODS = (*MT_VARIANTS, PRESERVE_METHOD)
 # Each row costs ~2 min of CPU evaluation in the full variant, hence a subset of DENSITIES.
 PEER_GRID: dict[str, tuple[float, ...]] = {"ties": (0.05, 0.10), "dare_ties": (0.05, 0.10), "task_arithmetic": (0.5,)}
 PEER_PREFIX = "mergekit_"  # row name = PEER_PREFIX + mergekit method
+# Post-hoc baselines beyond the classic ones (kernel.baselines): FAPM and the truncated-SVD patch at every
+# density (the SVD row is the data-free counterpart of ``--structure lowrank``), LiNeS at its defaults (first
+# layer's delta x0 rising linearly to x1 at the last of the model's layers), and the fine-tune with its k
+# shallowest tuned layers reverted.
+DENSITY_BASELINES = ("fapm", "svd")
+LINES_DEFAULTS = {"alpha": 0.0, "beta": 1.0}
+REVERT_K = (3, 6, 9)
 
 
 def preserve_spec(
@@ -157,11 +164,13 @@ def method_specs(quick: bool, engine: str, extended: bool = False) -> list[Metho
     ablations = [MethodSpec(n, 0.10, {**o, "engine": engine}) for n, o in MT_VARIANTS.items() if n != "model_tailor"]
     sparse = [
         MethodSpec(m, d, {"seed": 0} if m in ("dare", "random") else {})
-        for m in ("magnitude", "dare", "random", "ties")
+        for m in ("magnitude", "dare", "random", "ties", *DENSITY_BASELINES)
         for d in DENSITIES
     ]
     dense = [MethodSpec("task_arithmetic", None, {"scale": s}) for s in (0.3, 0.5, 0.7)]
     dense += [MethodSpec("wise_ft", None, {"scale": a}) for a in (0.25, 0.5, 0.75)]
+    dense += [MethodSpec("lines", None, dict(LINES_DEFAULTS))]
+    dense += [MethodSpec("revert_first_k", None, {"k": k}) for k in REVERT_K]
     rows = [MethodSpec("pretrained"), MethodSpec("finetuned")]
     if quick:  # kept small for a cold `make demo` in ~15 min: plain Model Tailor, one baseline, two preserve rows
         return rows + [mt[2], MethodSpec("magnitude", 0.10), *preserve_specs(quick, engine)]
@@ -174,17 +183,31 @@ def changed_tensors(base: Mapping[str, torch.Tensor], finetuned: Mapping[str, to
 
 
 def baseline_overrides(
-    spec: MethodSpec, base: Mapping[str, torch.Tensor], finetuned: Mapping[str, torch.Tensor], names: list[str]
+    spec: MethodSpec,
+    base: Mapping[str, torch.Tensor],
+    finetuned: Mapping[str, torch.Tensor],
+    names: list[str],
+    *,
+    num_layers: int | None = None,
+    tuned_layers: tuple[int, ...] = (),
 ) -> dict[str, torch.Tensor]:
-    """``base + baseline(delta)`` for every changed tensor; one seeded generator consumed in name order."""
+    """``base + baseline(delta)`` for every changed tensor; one seeded generator consumed in name order.
+
+    Each call gets the tensor's name and base value, the model depth and the tuned layers, which the layer-
+    and base-aware baselines (``fapm``, ``lines``, ``revert_first_k``) read."""
     if spec.method == "pretrained":
         return {n: base[n] for n in names}
     if spec.method == "finetuned":
         return {n: finetuned[n] for n in names}
     fn = BASELINES.get(spec.method)
-    params = BaselineParams(density=spec.density, scale=spec.params.get("scale"), seed=spec.params.get("seed", 0))
-    gen = torch.Generator().manual_seed(params.seed)
-    return {n: base[n] + fn([finetuned[n] - base[n]], params, gen) for n in names}
+    p = spec.params
+    common = {"density": spec.density, "scale": p.get("scale"), "seed": p.get("seed", 0), "k": p.get("k")}
+    common |= {"num_layers": num_layers, "tuned_layers": tuple(tuned_layers)}
+    common |= {k: p[k] for k in ("alpha", "beta") if k in p}
+    gen = torch.Generator().manual_seed(common["seed"])
+    return {
+        n: base[n] + fn([finetuned[n] - base[n]], BaselineParams(**common, name=n, base=base[n]), gen) for n in names
+    }
 
 
 # --- Model Tailor ---------------------------------------------------------------------------------------
@@ -208,7 +231,7 @@ class TailorInputs:
     cache_dir: Path | None = None  # where ``preserve: "self"`` caches its generations
 
 
-def _tailor_fields(spec: MethodSpec, inputs: TailorInputs) -> dict:
+def tailor_fields(spec: MethodSpec, inputs: TailorInputs) -> dict:
     """``tailor()`` keyword arguments of one row beyond the common ones."""
     p = spec.params
     fields = {
@@ -232,7 +255,7 @@ def _tailor_fields(spec: MethodSpec, inputs: TailorInputs) -> dict:
     return fields
 
 
-def _tailor_rows(
+def tailor_rows(
     specs: list[MethodSpec],
     inputs: TailorInputs,
     base: Mapping[str, torch.Tensor],
@@ -253,7 +276,7 @@ def _tailor_rows(
         for spec in [s for s in specs if s.params.get("engine") == "inmemory"]:
             t0 = time.perf_counter()
             # the same options as the pipeline engine gets; one it does not take fails loudly here
-            patched, summary = engine.tailor(base, finetuned, density=spec.density, **_tailor_fields(spec, inputs))
+            patched, summary = engine.tailor(base, finetuned, density=spec.density, **tailor_fields(spec, inputs))
             seconds = time.perf_counter() - t0 + engine.seconds
             out.append((spec, {n: patched.get(n, base[n]) for n in names}, seconds, summary))
     for spec in [s for s in specs if s.params.get("engine", "pipeline") == "pipeline"]:
@@ -273,7 +296,7 @@ def _tailor_rows(
             device=inputs.device,
             overwrite=True,
             progress=True,
-            **_tailor_fields(spec, inputs),
+            **tailor_fields(spec, inputs),
         )
         unmapped = [n for n in names if n not in inputs.to_ckpt]
         if unmapped:
@@ -285,7 +308,7 @@ def _tailor_rows(
     return out
 
 
-def _peer_rows(
+def peer_rows(
     specs: list[MethodSpec], base: Path, finetuned: Path, names: list[str], to_ckpt: dict[str, str], work_dir: Path
 ) -> Iterator[tuple[MethodSpec, dict[str, torch.Tensor], float, dict]]:
     """mergekit peer rows, one at a time: ``(spec, overrides, seconds, extra)``; ``seconds`` is the whole merge

@@ -1,6 +1,9 @@
-"""TailorBench outputs: ``results.json``, ``results.md`` (the table) and ``pareto.png``.
+"""TailorBench outputs: ``results.json``, ``results.md`` (the tables), ``pareto.png`` and ``items/``.
 
-Files are written atomically; the Markdown table is also what ``model-tailor bench`` prints.
+Files are written atomically; the main Markdown table is also what ``model-tailor bench`` prints. Every
+metric cell reads ``value ± half-width`` of its 95% paired-bootstrap interval (``bench.stats``; the exact
+bounds are in results.json, ``intervals``). ``items/<key>.json`` holds each evaluated model's per-item
+outcomes and ``items/references.json`` the items themselves; each row names its file in ``items``.
 """
 
 from __future__ import annotations
@@ -9,15 +12,28 @@ import json
 from pathlib import Path
 
 from model_tailor.bench.methods import TAILOR_METHODS
-from model_tailor.bench.runner import BenchResult, Row
+from model_tailor.bench.results import BenchResult, Row
 from model_tailor.io.atomic import atomic_path, atomic_write_text
 
 MT_METHODS = TAILOR_METHODS  # every Model Tailor row (ablations included) is drawn in Model Tailor's style
 HIGHLIGHT = {"model_tailor": "crimson", "model_tailor_preserve": "darkgreen"}
+METRIC_COLUMNS = {
+    "retention": "retention",
+    "target_ratio": "target ratio",
+    "h_score": "H",
+    "ll_retention": "LL retention",
+    "ll_target_ratio": "LL target ratio",
+    "ll_h_score": "LL H",
+}
 
 
 def _fmt(x: float | None) -> str:
     return "–" if x is None else f"{x:.3f}"
+
+
+def _fmt_interval(x: float | None, bounds: list[float] | None) -> str:
+    """``0.953 ± 0.021``: the value and half the width of its interval (the value alone without one)."""
+    return _fmt(x) if x is None or not bounds else f"{x:.3f} ± {(bounds[1] - bounds[0]) / 2:.3f}"
 
 
 def _params(row: Row) -> str:
@@ -25,52 +41,80 @@ def _params(row: Row) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(shown.items())) or ""
 
 
+def _name(row: Row) -> str:
+    return f"**{row.method}**" if row.method in HIGHLIGHT else row.method
+
+
+def _density(row: Row) -> str:
+    return "dense" if row.density is None else f"{row.density:g}"
+
+
 def markdown_table(result: BenchResult) -> str:
-    """One line per row; the original columns are per task, then the docs/METHOD.md §13 ratios and H."""
+    """One line per row: accuracy per task, then the accuracy and likelihood ratios and H with intervals."""
     orig_tasks = list(result.rows[0].original) if result.rows else []
     tgt_tasks = list(result.rows[0].target) if result.rows else []
-    head = [
-        "method",
-        "density",
-        "params",
-        *orig_tasks,
-        *tgt_tasks,
-        "original",
-        "target",
-        "retention",
-        "target ratio",
-        "H",
-        "seconds",
-    ]
+    head = ["method", "density", "params", *orig_tasks, *tgt_tasks, "original", "target"]
+    head += [*METRIC_COLUMNS.values(), "seconds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result.rows:
-        name = f"**{r.method}**" if r.method in HIGHLIGHT else r.method
         cells = [
-            name,
-            "dense" if r.density is None else f"{r.density:g}",
+            _name(r),
+            _density(r),
             _params(r),
             *(_fmt(r.original[t]) for t in orig_tasks),
             *(_fmt(r.target[t]) for t in tgt_tasks),
             _fmt(r.original_score),
             _fmt(r.target_score),
-            _fmt(r.retention),
-            _fmt(r.target_ratio),
-            _fmt(r.h_score),
+            *(_fmt_interval(getattr(r, key), r.intervals.get(key)) for key in METRIC_COLUMNS),
             f"{r.seconds:.1f}" + (" (cached)" if r.cached else ""),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def _difference(diff: dict | None) -> list[str]:
+    if diff is None:
+        return ["–", "–"]
+    lo, hi = diff["interval"]
+    mark = " *" if diff["excludes_zero"] else ""
+    return [f"{diff['delta']:+.3f}{mark}", f"[{lo:+.3f}, {hi:+.3f}]"]
+
+
+def comparison_table(result: BenchResult) -> str:
+    """Every row with a ``model_tailor`` row at its density: the paired-bootstrap difference in H (accuracy
+    and likelihood) with its 95% interval; ``*`` marks an interval that excludes 0."""
+    head = ["method", "density", "params", "ΔH vs model_tailor", "95% interval", "ΔLL H", "95% interval"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in result.rows:
+        if r.vs_tailor is None:
+            continue
+        cells = [_name(r), _density(r), _params(r), *_difference(r.vs_tailor.get("h_score"))]
+        cells += _difference(r.vs_tailor.get("ll_h_score"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def markdown_report(result: BenchResult) -> str:
     meta = result.meta
     sizes = ", ".join(f"{k} {v}" for k, v in meta.get("task_sizes", {}).items())
     notes = "".join(f"\n- {n}" for n in meta.get("notes", []))
+    boot = meta.get("bootstrap", {})
+    comparison = comparison_table(result)
     return (
         f"# TailorBench ({'quick' if result.quick else 'full'})\n\n"
         f"Date {meta.get('date')}; machine {json.dumps(meta.get('machine'))}; engine {meta.get('engine')}.\n"
         f"Test items: {sizes}. Retention = original / pre-trained original; target ratio = target / "
-        f"fine-tuned target; H = harmonic mean of the two.\n\n{markdown_table(result)}\n"
+        f"fine-tuned target; H = harmonic mean of the two (accuracy: mean over each group's tasks of greedy "
+        f"accuracy). LL: the same from the teacher-forced likelihood of the reference answers, per task "
+        f"exp(mean log-prob - the anchor's), averaged over the group's tasks. ± is half the 95% interval of a "
+        f"paired bootstrap over test items ({boot.get('resamples')} resamples, stratified by task, seed "
+        f"{boot.get('seed')}).\n\n{markdown_table(result)}\n"
+        + (
+            f"\n## Against Model Tailor at the same density\n\nPaired-bootstrap difference in H (row - "
+            f"model_tailor); * = the 95% interval excludes 0.\n\n{comparison}\n"
+            if comparison
+            else ""
+        )
         + (f"\nNotes:{notes}\n" if notes else "")
     )
 
@@ -86,7 +130,8 @@ def frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
 
 def plot_pareto(result: BenchResult, path: Path) -> None:
     """Retention (x) against target ratio (y), one point per row, and each method family's Pareto frontier
-    (upper-right envelope) as a line; Model Tailor and preserve-aware Model Tailor highlighted."""
+    (upper-right envelope) as a line, 95% bootstrap intervals as error bars; Model Tailor and preserve-aware
+    Model Tailor highlighted."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -98,6 +143,7 @@ def plot_pareto(result: BenchResult, path: Path) -> None:
         if r.retention is not None and r.target_ratio is not None:
             groups.setdefault(r.method, []).append(r)
     for method, rows in sorted(groups.items()):
+        _error_bars(ax, rows, HIGHLIGHT.get(method, "grey"))
         xs, ys = [r.retention for r in rows], [r.target_ratio for r in rows]
         front = frontier(list(zip(xs, ys, strict=True)))
         fx, fy = [p[0] for p in front], [p[1] for p in front]
@@ -131,6 +177,18 @@ def plot_pareto(result: BenchResult, path: Path) -> None:
     plt.close(fig)
 
 
+def _error_bars(ax, rows: list[Row], color: str) -> None:
+    """95% bootstrap intervals of retention (horizontal) and target ratio (vertical), where known."""
+    for r in rows:
+        xi, yi = r.intervals.get("retention"), r.intervals.get("target_ratio")
+        xerr = [[r.retention - xi[0]], [xi[1] - r.retention]] if xi else None
+        yerr = [[r.target_ratio - yi[0]], [yi[1] - r.target_ratio]] if yi else None
+        if xerr or yerr:
+            ax.errorbar(
+                [r.retention], [r.target_ratio], xerr=xerr, yerr=yerr, fmt="none", ecolor=color, alpha=0.35, lw=0.8
+            )
+
+
 def _preserve_tag(params: dict) -> str:
     """Short point label of a preserve row beyond its density: non-default structure, source, lambda, salience."""
     from model_tailor.config import DEFAULT_PRESERVE_WEIGHT
@@ -146,8 +204,14 @@ def _preserve_tag(params: dict) -> str:
 
 
 def write_outputs(result: BenchResult, out_dir: Path) -> dict[str, Path]:
+    """results.json, results.md, pareto.png and the per-item files (``items/``) under ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "results.json", "md": out_dir / "results.md", "png": out_dir / "pareto.png"}
+    for rel, data in result.files.items():
+        (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_dir / rel, json.dumps(data) + "\n")
+    if result.files:
+        paths["items"] = out_dir / "items"
     atomic_write_text(paths["json"], json.dumps(result.to_json(), indent=2, default=str) + "\n")
     atomic_write_text(paths["md"], markdown_report(result))
     plot_pareto(result, paths["png"])

@@ -1,9 +1,10 @@
 """TailorBench orchestration: build or reuse the models, produce every method row, evaluate, collect rows.
 
 The stage order lives here and only here: assets -> models (cached) -> tasks -> rows (baselines in memory,
-Model Tailor through ``methods._tailor_rows``, then the mergekit peers through ``methods._peer_rows`` when
-mergekit is installed) -> evaluation (cached per row) -> ``BenchResult``. Quick and full runs share the cached
-models; ``quick`` only shrinks the test subsets and the method list.
+Model Tailor through ``methods.tailor_rows``, then the mergekit peers through ``methods.peer_rows`` when
+mergekit is installed) -> evaluation (cached per distinct set of weights, per-item outcomes kept) ->
+analysis (``bench.analysis``: metrics, bootstrap intervals, comparison) -> ``BenchResult``. Quick and full
+runs share the cached models; ``quick`` only shrinks the test subsets and the method list.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import hashlib
 import json
 import logging
 import platform
-import re
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -22,29 +22,26 @@ from pathlib import Path
 import torch
 
 from model_tailor import __version__
-from model_tailor.bench import assets, peers
 from model_tailor.bench import methods as M
-from model_tailor.bench.data import CAPITAL_QUESTION, VQA_SUFFIX, PixelCache, sample, write_preserve
-from model_tailor.bench.models import BuildConfig, build_models, load_model
-from model_tailor.bench.tasks import (
-    ORIGINAL_TASKS,
-    TARGET_TASKS,
-    EvalConfig,
-    Task,
-    build_tasks,
-    evaluate,
-    normalize,
-    split_capitals,
-)
+from model_tailor.bench import peers
+from model_tailor.bench.analysis import finalize
+from model_tailor.bench.data import PixelCache
+from model_tailor.bench.evaluation import evaluate
+from model_tailor.bench.leaks import PRESERVE_CAPTIONS, check_preserve_disjoint, write_bench_preserve
+from model_tailor.bench.models import BuildConfig, BuiltModels, build_models, load_model
+from model_tailor.bench.results import BenchResult, Row
+from model_tailor.bench.tasks import ORIGINAL_TASKS, TARGET_TASKS, EvalConfig, Task, build_tasks, split_capitals
 from model_tailor.io.atomic import atomic_write_text
 from model_tailor.io.checkpoint import CheckpointReader
 from model_tailor.pipeline.architectures import checkpoint_names
 
+__all__ = ["BenchConfig", "BenchResult", "Row", "peer_notes", "run_bench", "weights_digest"]
+
 log = logging.getLogger(__name__)
 
 # 2: capital tests exclude the preserve hold-out countries (tasks.split_capitals); 3: prefix-cached greedy
-# decoding in batches of 64, one evaluation per distinct set of weights
-RUN_VERSION = 3
+# decoding in batches of 64, one evaluation per distinct set of weights; 4: per-item outcomes and likelihoods
+RUN_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -58,59 +55,11 @@ class BenchConfig:
     reuse_evals: bool = True
     only: tuple[str, ...] = ()  # method-name globs (``--methods``); empty = every row of the variant
     extended: bool = False  # full variant plus the preserve ablations (``--extended``; methods.preserve_specs)
+    resamples: int = 2000  # bootstrap resamples of the test items (``--resamples``)
+    bootstrap_seed: int = 0
 
     def eval_config(self) -> EvalConfig:
         return self.eval or (EvalConfig.quick() if self.quick else EvalConfig())
-
-
-@dataclass
-class Row:
-    method: str
-    density: float | None
-    params: dict
-    original: dict[str, float]
-    target: dict[str, float]
-    original_score: float
-    target_score: float
-    retention: float | None = None
-    target_ratio: float | None = None
-    h_score: float | None = None
-    seconds: float = 0.0
-    cached: bool = False
-    extra: dict = field(default_factory=dict)
-
-
-@dataclass
-class BenchResult:
-    quick: bool
-    rows: list[Row]
-    meta: dict
-
-    def to_json(self) -> dict:
-        return {
-            "benchmark": "tailorbench",
-            "version": 1,
-            "quick": self.quick,
-            "meta": self.meta,
-            "rows": [asdict(r) for r in self.rows],
-        }
-
-
-def harmonic(a: float | None, b: float | None) -> float | None:
-    if a is None or b is None:
-        return None
-    return 0.0 if a + b <= 0 else 2 * a * b / (a + b)
-
-
-def finalize(rows: list[Row]) -> list[Row]:
-    """Fill retention, target ratio and H (docs/METHOD.md §13: H_rel over the two ratios) from the anchor rows."""
-    pre = next(r for r in rows if r.method == "pretrained")
-    ft = next(r for r in rows if r.method == "finetuned")
-    for r in rows:
-        r.retention = r.original_score / pre.original_score if pre.original_score > 0 else None
-        r.target_ratio = r.target_score / ft.target_score if ft.target_score > 0 else None
-        r.h_score = harmonic(r.retention, r.target_ratio)
-    return rows
 
 
 def _versions() -> dict[str, str]:
@@ -189,117 +138,72 @@ def weights_digest(tensors: Mapping[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-PRESERVE_CAPTIONS = 32  # caption records in the bench's preserve data (plus one capital record per held-out country)
+@dataclass
+class _Session:
+    """One run's loaded state: the models, the tasks and the evaluation caches (in memory and on disk)."""
 
+    cfg: BenchConfig
+    built: BuiltModels
+    ecfg: EvalConfig
+    tasks: list[Task]
+    model: torch.nn.Module
+    processor: object
+    pixels: PixelCache
+    base: dict[str, torch.Tensor]
+    finetuned: dict[str, torch.Tensor]
+    names: list[str]
+    num_layers: int
+    files: dict[str, dict] = field(default_factory=dict)  # "items/<key>.json" -> per-item outcomes
+    by_weights: dict[str, dict] = field(default_factory=dict)  # weights digest -> its one evaluation
 
-class LeakError(RuntimeError):
-    """Preserve data overlaps a test set: the preserve rows would be measured on what they were given."""
+    @property
+    def eval_dir(self) -> Path:
+        return self.built.root / "evals"
 
+    def cached_row(self, spec: M.MethodSpec) -> Row | None:
+        """The row from an earlier run with the same build, subsets and spec, with its per-item outcomes."""
+        path = self.eval_dir / f"{_eval_key(self.cfg, spec)}.json"
+        if not (self.cfg.reuse_evals and path.exists()):
+            return None
+        row = Row(**{**json.loads(path.read_text()), "cached": True})
+        weights = self.eval_dir / f"w-{Path(row.items or '').stem}.json"
+        if row.items is None or not weights.exists():
+            return None
+        self.files[row.items] = _items_file(json.loads(weights.read_text()))
+        return row
 
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def write_bench_preserve(root: Path, seed: int) -> Path:
-    """The bench's "user-style" preserve JSONL (+ images) under ``root/preserve``: capital questions about the
-    held-out countries and templated captions of easy-VQA train images whose pixels match no test image."""
-    test_hashes = {_sha(it.image) for it in assets.load_vqa("test")}
-    labels = [
-        lab
-        for lab in sample(assets.image_labels(assets.load_vqa("train")), 4 * PRESERVE_CAPTIONS, seed + 5)
-        if _sha(lab.image) not in test_hashes
-    ][:PRESERVE_CAPTIONS]
-    return write_preserve(split_capitals()[1], labels, root / "preserve")
-
-
-_CAPITAL_RE = re.compile("^" + re.escape(CAPITAL_QUESTION).replace(re.escape("{country}"), "(.+)") + "$")
-
-
-def check_preserve_disjoint(path: Path, tasks: list[Task], self_instructions: list[str] | None = None) -> dict:
-    """Fail loudly (:class:`LeakError`) if any preserve record touches a test item.
-
-    Checked: capital questions name no country of the capital test pool (every quick/full subset draws from
-    it) nor of this run's subset; images match no easy-VQA test image (path or pixels); no prompt is a VQA test
-    prompt or question. With ``self_instructions`` (``--preserve self``), none may name a test country.
-    """
-    test_countries = {c.country for c in split_capitals()[0]}
-    test_countries |= {
-        m.group(1) for t in tasks if t.name == "capital_qa" for ex in t.examples if (m := _CAPITAL_RE.match(ex.prompt))
-    }
-    test_items = assets.load_vqa("test")
-    test_paths = {it.image.resolve() for it in test_items}
-    test_hashes = {_sha(p) for p in test_paths}
-    vqa_prompts = {ex.prompt for t in tasks if t.name == "easy_vqa" for ex in t.examples}
-    vqa_prompts |= {it.question for it in test_items}
-    problems, n = [], 0
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        rec = json.loads(line)
-        prompt = rec.get("prompt", "")
-        if (m := _CAPITAL_RE.match(prompt)) and m.group(1) in test_countries:
-            problems.append(f"line {n}: capital question about test country {m.group(1)!r}")
-        if prompt in vqa_prompts or prompt.removesuffix(VQA_SUFFIX) in vqa_prompts:
-            problems.append(f"line {n}: prompt is a VQA test question")
-        if rec.get("image"):
-            img = (path.parent / rec["image"]).resolve()
-            if img in test_paths or _sha(img) in test_hashes:
-                problems.append(f"line {n}: image {rec['image']} is an easy-VQA test image")
-    names = {c: f" {normalize(c)} " for c in test_countries}
-    for i, text in enumerate(self_instructions or [], 1):
-        hits = [c for c, w in names.items() if w in f" {normalize(text)} "]
-        if hits:
-            problems.append(f"self instruction {i} names test countries {hits}: {text!r}")
-    if problems:
-        detail = "; ".join(problems[:8])
-        raise LeakError(f"preserve data overlaps the test sets ({len(problems)} problem(s)): {detail}")
-    return {"records": n, "self_instructions": len(self_instructions or []), "test_countries": len(test_countries)}
-
-
-def run_bench(cfg: BenchConfig) -> BenchResult:
-    """Run the benchmark and return its rows (nothing is written here; see ``report.write_outputs``)."""
-    t_start = time.perf_counter()
-    built = build_models(cfg.build, cfg.cache_dir, cfg.device)
-    eval_dir = built.root / "evals"
-    eval_dir.mkdir(exist_ok=True)
-    ecfg = cfg.eval_config()
-    tasks = build_tasks(ecfg)
-    specs = M.select_specs(M.method_specs(cfg.quick, cfg.engine, cfg.extended), cfg.only)
-    model, processor = load_model(built.pretrained, cfg.device)
-    image_tokens = model.config.image_seq_length
-    pixels = PixelCache(processor.image_processor)
-    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    ft_model, _ = load_model(built.finetuned, "cpu")
-    finetuned = {k: v.detach().to(cfg.device) for k, v in ft_model.state_dict().items()}
-    del ft_model
-    names = M.changed_tensors(base, finetuned)
-    log.info("fine-tune changed %d tensors", len(names))
-
-    def cached(spec: M.MethodSpec) -> dict | None:
-        path = eval_dir / f"{_eval_key(cfg, spec)}.json"
-        return json.loads(path.read_text()) if cfg.reuse_evals and path.exists() else None
-
-    by_weights: dict[str, dict] = {}  # weights digest -> {"label", "scores", "samples"} of its one evaluation
-
-    def evaluate_weights(spec: M.MethodSpec, overrides: dict[str, torch.Tensor]) -> dict:
-        """Scores of the model with ``overrides``, evaluated once per distinct set of weights (a one-model TIES
-        is magnitude top-k and WiSE-FT at alpha is task arithmetic at that scale, bit for bit)."""
+    def evaluate_weights(self, spec: M.MethodSpec, overrides: dict[str, torch.Tensor]) -> tuple[str, dict]:
+        """``(weights key, evaluation)`` of the model with ``overrides``, evaluated once per distinct set of
+        weights (a one-model TIES is magnitude top-k and WiSE-FT at alpha is task arithmetic, bit for bit)."""
         digest = weights_digest(overrides)
-        path = eval_dir / f"w-{_weights_key(cfg, digest)}.json"
-        if digest not in by_weights and cfg.reuse_evals and path.exists():
-            by_weights[digest] = json.loads(path.read_text())
-        if digest not in by_weights:
-            model.load_state_dict(overrides, strict=False)
-            result = evaluate(model, processor, tasks, pixels, ecfg, image_tokens, label=spec.label)
-            model.load_state_dict({n: base[n] for n in names}, strict=False)
-            by_weights[digest] = {"label": spec.label, "scores": result.scores, "samples": result.samples}
-            atomic_write_text(path, json.dumps(by_weights[digest]))
-        return by_weights[digest]
+        key = _weights_key(self.cfg, digest)
+        path = self.eval_dir / f"w-{key}.json"
+        if digest not in self.by_weights and self.cfg.reuse_evals and path.exists():
+            self.by_weights[digest] = json.loads(path.read_text())
+        if digest not in self.by_weights:
+            self.model.load_state_dict(overrides, strict=False)
+            result = evaluate(
+                self.model, self.processor, self.tasks, self.pixels, self.ecfg, self.image_tokens, spec.label
+            )
+            self.model.load_state_dict({n: self.base[n] for n in self.names}, strict=False)
+            data = {"label": spec.label, "scores": result.scores, "samples": result.samples, "items": result.items}
+            self.by_weights[digest] = data
+            atomic_write_text(path, json.dumps(data))
+        return key, self.by_weights[digest]
 
-    def score(spec: M.MethodSpec, overrides: dict[str, torch.Tensor], seconds: float, extra: dict) -> Row:
-        result = evaluate_weights(spec, overrides)
+    @property
+    def image_tokens(self) -> int:
+        return self.model.config.image_seq_length
+
+    def score(self, spec: M.MethodSpec, overrides: dict[str, torch.Tensor], seconds: float, extra: dict) -> Row:
+        """Evaluate one row's weights and record (and cache) its row; per-item outcomes go to ``files``."""
+        key, result = self.evaluate_weights(spec, overrides)
         if result["label"] != spec.label:
             extra = {**extra, "same_weights_as": result["label"]}
         original = {t: result["scores"][t] for t in ORIGINAL_TASKS}
         target = {t: result["scores"][t] for t in TARGET_TASKS}
+        items = f"items/{key}.json"
+        self.files[items] = _items_file(result)
         row = Row(
             spec.method,
             spec.density,
@@ -310,63 +214,98 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
             sum(target.values()) / len(target),
             seconds=seconds,
             extra={**extra, "samples": result["samples"]},
+            items=items,
         )
-        atomic_write_text(eval_dir / f"{_eval_key(cfg, spec)}.json", json.dumps(asdict(row)))
+        atomic_write_text(self.eval_dir / f"{_eval_key(self.cfg, spec)}.json", json.dumps(asdict(row)))
         return row
 
-    rows: list[Row] = []
-    todo_mt, todo_peers = [], []
-    for spec in M.progress(specs, "tailorbench rows"):
-        hit = cached(spec)
-        if hit is not None:
-            rows.append(Row(**{**hit, "cached": True}))
-        elif spec.method in M.TAILOR_METHODS:
-            todo_mt.append(spec)
-        elif M.is_peer(spec):
-            todo_peers.append(spec)
-        else:
-            t0 = time.perf_counter()
-            overrides = M.baseline_overrides(spec, base, finetuned, names)
-            seconds = built.seconds.get("finetune", 0.0) if spec.method == "finetuned" else time.perf_counter() - t0
-            rows.append(score(spec, overrides, seconds, {}))
-    preserve_user, preserve_check = None, None
-    if any(s.method == M.PRESERVE_METHOD for s in specs):  # written and checked even when the rows are cached
-        from model_tailor.calibration.selfgen import load_instructions
 
-        preserve_user = write_bench_preserve(built.root, cfg.build.seed)
-        uses_self = any(s.params.get("preserve") == "self" for s in specs if s.method == M.PRESERVE_METHOD)
-        preserve_check = check_preserve_disjoint(preserve_user, tasks, load_instructions() if uses_self else None)
-    to_ckpt: dict[str, str] = {}
-    if todo_mt or todo_peers:
-        with CheckpointReader(built.pretrained) as reader:
-            to_ckpt = checkpoint_names(model, names, set(reader.names()))
-    if todo_mt:
-        inputs = M.TailorInputs(
-            built.pretrained,
-            built.finetuned,
-            built.calibration,
-            built.tuned_layers,
-            cfg.build.calibration_samples,
-            cfg.build.seed,
-            cfg.device,
-            built.root / "patches",
-            to_ckpt,
-            preserve_user,
-            PRESERVE_CAPTIONS + len(split_capitals()[1]),
-            cfg.cache_dir,
+def _items_file(evaluation: dict) -> dict:
+    """What ``items/<key>.json`` holds: the evaluated weights' label and its per-item outcomes per task."""
+    return {"label": evaluation["label"], "tasks": evaluation["items"]}
+
+
+def _references(tasks: list[Task]) -> dict:
+    """``items/references.json``: each task's items in evaluation order (prompt, image, reference answer)."""
+    return {
+        t.name: [
+            {"prompt": ex.prompt, "image": ex.image and ex.image.name, "reference": ex.response} for ex in t.examples
+        ]
+        for t in tasks
+    }
+
+
+def _open(cfg: BenchConfig) -> _Session:
+    """Build or reuse the two models, load them, and fix the test subsets."""
+    built = build_models(cfg.build, cfg.cache_dir, cfg.device)
+    (built.root / "evals").mkdir(exist_ok=True)
+    ecfg = cfg.eval_config()
+    model, processor = load_model(built.pretrained, cfg.device)
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    ft_model, _ = load_model(built.finetuned, "cpu")
+    finetuned = {k: v.detach().to(cfg.device) for k, v in ft_model.state_dict().items()}
+    del ft_model
+    names = M.changed_tensors(base, finetuned)
+    log.info("fine-tune changed %d tensors", len(names))
+    num_layers = model.config.text_config.num_hidden_layers
+    pixels = PixelCache(processor.image_processor)
+    return _Session(cfg, built, ecfg, build_tasks(ecfg), model, processor, pixels, base, finetuned, names, num_layers)
+
+
+def _baseline_rows(s: _Session, specs: list[M.MethodSpec]) -> list[Row]:
+    """The anchors and the data-free baselines, weights computed in memory."""
+    rows = []
+    for spec in specs:
+        t0 = time.perf_counter()
+        overrides = M.baseline_overrides(
+            spec, s.base, s.finetuned, s.names, num_layers=s.num_layers, tuned_layers=s.built.tuned_layers
         )
-        inputs.work_dir.mkdir(exist_ok=True)
-        for spec, overrides, seconds, summary in M._tailor_rows(todo_mt, inputs, base, finetuned, names):
-            rows.append(score(spec, overrides, seconds, {"tailor": summary}))
-    if todo_peers:  # last: a mergekit failure cannot cost the rows above (each is cached once scored)
-        work_dir = built.root / "peers"
-        for spec, overrides, seconds, extra in M._peer_rows(
-            todo_peers, built.pretrained, built.finetuned, names, to_ckpt, work_dir
-        ):
-            rows.append(score(spec, overrides, seconds, extra))
-    order = {s.key(): i for i, s in enumerate(specs)}
-    rows.sort(key=lambda r: order.get(M.MethodSpec(r.method, r.density, r.params).key(), 1 << 30))
-    notes = peer_notes(cfg.quick, specs)
+        seconds = s.built.seconds.get("finetune", 0.0) if spec.method == "finetuned" else time.perf_counter() - t0
+        rows.append(s.score(spec, overrides, seconds, {}))
+    return rows
+
+
+def _preserve_data(s: _Session, specs: list[M.MethodSpec]) -> tuple[Path | None, dict | None]:
+    """The bench-written preserve data and its leak check, when a preserve row is listed (even if cached)."""
+    if not any(spec.method == M.PRESERVE_METHOD for spec in specs):
+        return None, None
+    from model_tailor.calibration.selfgen import load_instructions
+
+    path = write_bench_preserve(s.built.root, s.cfg.build.seed)
+    uses_self = any(spec.params.get("preserve") == "self" for spec in specs if spec.method == M.PRESERVE_METHOD)
+    return path, check_preserve_disjoint(path, s.tasks, load_instructions() if uses_self else None)
+
+
+def _tailor_rows(s: _Session, specs: list[M.MethodSpec], preserve: Path | None, to_ckpt: dict) -> list[Row]:
+    inputs = M.TailorInputs(
+        s.built.pretrained,
+        s.built.finetuned,
+        s.built.calibration,
+        s.built.tuned_layers,
+        s.cfg.build.calibration_samples,
+        s.cfg.build.seed,
+        s.cfg.device,
+        s.built.root / "patches",
+        to_ckpt,
+        preserve,
+        PRESERVE_CAPTIONS + len(split_capitals()[1]),
+        s.cfg.cache_dir,
+    )
+    inputs.work_dir.mkdir(exist_ok=True)
+    return [
+        s.score(spec, overrides, seconds, {"tailor": summary})
+        for spec, overrides, seconds, summary in M.tailor_rows(specs, inputs, s.base, s.finetuned, s.names)
+    ]
+
+
+def _peer_rows(s: _Session, specs: list[M.MethodSpec], to_ckpt: dict) -> list[Row]:
+    """Last in the run: a mergekit failure cannot cost the rows before it (each is cached once scored)."""
+    merged = M.peer_rows(specs, s.built.pretrained, s.built.finetuned, s.names, to_ckpt, s.built.root / "peers")
+    return [s.score(spec, overrides, seconds, extra) for spec, overrides, seconds, extra in merged]
+
+
+def _meta(s: _Session, specs: list[M.MethodSpec], rows: list[Row], preserve: tuple, seconds: float) -> dict:
+    notes = peer_notes(s.cfg.quick, specs)
     same = [
         f"{M.MethodSpec(r.method, r.density, r.params).label} = {r.extra['same_weights_as']}"
         for r in rows
@@ -374,22 +313,55 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
     ]
     if same:
         notes.append("bit-identical weights, evaluated once: " + "; ".join(same))
-    meta = {
+    path, check = preserve
+    return {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": _machine(cfg.device),
+        "machine": _machine(s.cfg.device),
         "versions": _versions(),
-        "engine": cfg.engine,
+        "engine": s.cfg.engine,
         "build": {
-            **asdict(cfg.build),
-            "key": cfg.build.key(),
-            "seconds": built.seconds,
-            "tuned_layers": list(built.tuned_layers),
-            "changed_tensors": len(names),
+            **asdict(s.cfg.build),
+            "key": s.cfg.build.key(),
+            "seconds": s.built.seconds,
+            "tuned_layers": list(s.built.tuned_layers),
+            "changed_tensors": len(s.names),
         },
-        "eval": asdict(ecfg),
-        "task_sizes": {t.name: len(t.examples) for t in tasks},
-        "preserve_data": None if preserve_user is None else {"path": str(preserve_user), "check": preserve_check},
+        "eval": asdict(s.ecfg),
+        "task_sizes": {t.name: len(t.examples) for t in s.tasks},
+        "bootstrap": {"resamples": s.cfg.resamples, "seed": s.cfg.bootstrap_seed, "level": 0.95, "paired": True},
+        "preserve_data": None if path is None else {"path": str(path), "check": check},
         "notes": notes,
-        "total_seconds": time.perf_counter() - t_start,
+        "total_seconds": seconds,
     }
-    return BenchResult(cfg.quick, finalize(rows), meta)
+
+
+def run_bench(cfg: BenchConfig) -> BenchResult:
+    """Run the benchmark and return its rows (nothing is written here; see ``report.write_outputs``)."""
+    t_start = time.perf_counter()
+    s = _open(cfg)
+    specs = M.select_specs(M.method_specs(cfg.quick, cfg.engine, cfg.extended), cfg.only)
+    rows: list[Row] = []
+    todo: dict[str, list[M.MethodSpec]] = {"baseline": [], "tailor": [], "peer": []}
+    for spec in M.progress(specs, "tailorbench rows"):
+        hit = s.cached_row(spec)
+        if hit is not None:
+            rows.append(hit)
+        else:
+            kind = "tailor" if spec.method in M.TAILOR_METHODS else "peer" if M.is_peer(spec) else "baseline"
+            todo[kind].append(spec)
+    rows += _baseline_rows(s, todo["baseline"])
+    preserve = _preserve_data(s, specs)
+    to_ckpt: dict[str, str] = {}
+    if todo["tailor"] or todo["peer"]:
+        with CheckpointReader(s.built.pretrained) as reader:
+            to_ckpt = checkpoint_names(s.model, s.names, set(reader.names()))
+    if todo["tailor"]:
+        rows += _tailor_rows(s, todo["tailor"], preserve[0], to_ckpt)
+    if todo["peer"]:
+        rows += _peer_rows(s, todo["peer"], to_ckpt)
+    order = {spec.key(): i for i, spec in enumerate(specs)}
+    rows.sort(key=lambda r: order.get(M.MethodSpec(r.method, r.density, r.params).key(), 1 << 30))
+    files = {r.items: s.files[r.items] for r in rows} | {"items/references.json": _references(s.tasks)}
+    finalize(rows, files, resamples=cfg.resamples, seed=cfg.bootstrap_seed)
+    meta = _meta(s, specs, rows, preserve, time.perf_counter() - t_start)
+    return BenchResult(cfg.quick, rows, meta, files)

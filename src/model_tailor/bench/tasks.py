@@ -1,7 +1,8 @@
 """TailorBench evaluation: greedy decoding on fixed test subsets, scored with a documented normalisation.
 
 Original abilities (what fine-tuning should not destroy): ``capital_qa`` (world knowledge, text only) and
-``captioning`` (easy-VQA test images). Target: ``easy_vqa`` test accuracy. docs/METHOD.md §13 defines the ratios.
+``captioning`` (easy-VQA test images). Target: ``easy_vqa`` test accuracy. ``bench.stats`` defines the
+ratios; ``bench.evaluation`` scores a model (greedy accuracy here, answer likelihood in ``bench.likelihood``).
 
 Normalisation (``normalize``): Unicode NFKD, accents dropped, lower case, every run of non-alphanumeric
 characters replaced by one space, trimmed. Scoring:
@@ -74,11 +75,14 @@ def vqa_hit(answer: str, truth: str) -> bool:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Sizes of the fixed test subsets (None = all) and decoding lengths; the seed fixes the subsets."""
+    """Sizes of the fixed test subsets (None = all) and decoding lengths; the seed fixes the subsets.
+
+    Full variant: every test capital outside the preserve hold-out (215), every easy-VQA test image whose
+    colour and shape are both known (791 captions), 1,000 of the 9,673 VQA test questions."""
 
     n_capitals: int | None = None
-    n_captions: int = 200
-    n_vqa: int = 400
+    n_captions: int | None = None
+    n_vqa: int = 1000
     batch_size: int = 64
     capital_tokens: int = 16
     caption_tokens: int = 10
@@ -159,6 +163,15 @@ def cache_name(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def prefix_cache(model, prefix: list[int], batch: int, device: torch.device) -> object | None:
+    """KV cache of the shared ``prefix`` run once at batch size 1 and repeated ``batch`` times (None: no prefix)."""
+    if not prefix:
+        return None
+    cache = getattr(model(input_ids=torch.tensor([prefix], device=device), use_cache=True), cache_name(model))
+    cache.batch_repeat_interleave(batch)
+    return cache
+
+
 def _greedy(
     model, inputs: dict[str, torch.Tensor], prefix: list[int], max_new_tokens: int, eos_id: int, pad_id: int
 ) -> torch.Tensor:
@@ -167,10 +180,7 @@ def _greedy(
     ids, mask, positions = inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"]
     batch = ids.shape[0]
     key = cache_name(model)
-    cache = None
-    if prefix:
-        cache = getattr(model(input_ids=torch.tensor([prefix], device=ids.device), use_cache=True), key)
-        cache.batch_repeat_interleave(batch)
+    cache = prefix_cache(model, prefix, batch, ids.device)
     extra = {"pixel_values": inputs["pixel_values"]} if "pixel_values" in inputs else {}
     out = model(
         input_ids=ids,
@@ -201,31 +211,3 @@ def _greedy(
             **{key: getattr(out, key)},
         )
     return torch.stack(tokens, dim=1) if tokens else torch.empty(batch, 0, dtype=torch.long)
-
-
-@dataclass(frozen=True)
-class TaskResult:
-    scores: dict[str, float]
-    samples: dict[str, list[tuple[str, str]]]  # a few (answer, truth) pairs per task, for the report
-
-
-def evaluate(
-    model, processor, tasks: Sequence[Task], pixels: PixelCache, cfg: EvalConfig, image_tokens: int, label: str = ""
-) -> TaskResult:
-    """Score one model on every task."""
-    scores, samples = {}, {}
-    for task in tasks:
-        answers = generate(
-            model,
-            processor,
-            task.examples,
-            pixels,
-            max_new_tokens=task.max_new_tokens,
-            batch_size=cfg.batch_size,
-            image_tokens=image_tokens,
-            desc=f"eval {label} {task.name}",
-        )
-        hits = [task.hit(a, ex.response) for a, ex in zip(answers, task.examples, strict=True)]
-        scores[task.name] = sum(hits) / max(1, len(hits))
-        samples[task.name] = [(a, ex.response) for a, ex in zip(answers[:3], task.examples[:3], strict=True)]
-    return TaskResult(scores, samples)

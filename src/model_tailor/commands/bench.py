@@ -1,4 +1,4 @@
-"""`model-tailor bench`: run TailorBench and write results.json, results.md and pareto.png.
+"""`model-tailor bench`: run TailorBench and write results.json, results.md, pareto.png and items/.
 
 The quick variant (``make demo``) uses the same cached models as the full one; it only evaluates fewer
 test items and fewer methods. The table is printed on stdout (the only place the bench prints).
@@ -39,6 +39,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--no-eval-cache", action="store_true", help="re-evaluate every row instead of reusing results")
     p.add_argument(
+        "--resamples",
+        type=int,
+        default=2000,
+        help="paired bootstrap resamples of the test items for the 95%% intervals (default 2000)",
+    )
+    p.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the bootstrap resamples (default 0)")
+    p.add_argument(
         "--methods",
         nargs="+",
         default=(),
@@ -61,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    if args.resamples < 1:
+        raise ConfigError(f"--resamples must be >= 1, got {args.resamples}")
     if args.quick and args.extended:
         raise ConfigError("--extended adds rows to the full variant; drop --quick or --extended")
     cfg = BenchConfig(
@@ -71,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
         engine=args.engine,
         reuse_evals=not args.no_eval_cache,
         only=tuple(args.methods),
+        resamples=args.resamples,
+        bootstrap_seed=args.bootstrap_seed,
     )
     result = run_bench(cfg)
     paths = write_outputs(result, args.out)

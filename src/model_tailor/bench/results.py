@@ -1,0 +1,53 @@
+"""TailorBench result records: one ``Row`` per method row and the ``BenchResult`` written to ``results.json``.
+
+Accuracy and likelihood metrics, their 95% intervals and the comparison with Model Tailor are filled by
+``bench.analysis`` from the per-item outcomes, which live beside results.json (``items/<key>.json``, the path
+in ``Row.items``) so any row can be re-analysed without running it again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+RESULTS_VERSION = 2  # 2: per-item outcomes, likelihood metrics, bootstrap intervals, comparison with Model Tailor
+
+
+@dataclass
+class Row:
+    method: str
+    density: float | None
+    params: dict
+    original: dict[str, float]  # accuracy per original task
+    target: dict[str, float]  # accuracy per target task
+    original_score: float
+    target_score: float
+    retention: float | None = None
+    target_ratio: float | None = None
+    h_score: float | None = None
+    seconds: float = 0.0
+    cached: bool = False
+    extra: dict = field(default_factory=dict)
+    loglik: dict[str, float] = field(default_factory=dict)  # mean log-prob of the reference answers per task
+    ll_retention: float | None = None
+    ll_target_ratio: float | None = None
+    ll_h_score: float | None = None
+    intervals: dict[str, list[float] | None] = field(default_factory=dict)  # metric -> [low, high] (95%)
+    vs_tailor: dict | None = None  # paired difference in H with model_tailor at the same density
+    items: str | None = None  # per-item outcomes, relative to results.json
+
+
+@dataclass
+class BenchResult:
+    quick: bool
+    rows: list[Row]
+    meta: dict
+    files: dict[str, dict] = field(default_factory=dict)  # per-item files: path relative to the out folder -> JSON
+
+    def to_json(self) -> dict:
+        return {
+            "benchmark": "tailorbench",
+            "version": RESULTS_VERSION,
+            "quick": self.quick,
+            "meta": self.meta,
+            "rows": [asdict(r) for r in self.rows],
+        }
