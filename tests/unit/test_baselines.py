@@ -10,26 +10,37 @@ from model_tailor.kernel.baselines import (
     BASELINES,
     BaselineParams,
     dare,
-    keep_count,
     magnitude_topk,
     task_arithmetic,
     ties,
     wise_ft,
 )
+from model_tailor.kernel.masking import keep_count
 
 T = torch.tensor
 D = T([[0.5, -2.0, 1.0], [3.0, -0.1, 0.0]])
 
 
+def _count(numel, density):
+    return keep_count(density, numel, tolerance="absolute")  # the count every sparse baseline keeps
+
+
 def test_keep_count_is_floor():
-    assert keep_count(6, 0.5) == 3
-    assert keep_count(6, 0.34) == 2  # floor(2.04)
-    assert keep_count(10, 0.3) == 3  # 0.3 * 10 = 2.9999999999999996 in floats: still 3
-    assert keep_count(6, 1.0) == 6
+    assert _count(6, 0.5) == 3
+    assert _count(6, 0.34) == 2  # floor(2.04)
+    assert _count(10, 0.3) == 3  # 0.3 * 10 = 2.9999999999999996 in floats: still 3
+    assert _count(6, 1.0) == 6
     with pytest.raises(ConfigError):
-        keep_count(6, 0.0)
+        _count(6, 0.0)
     with pytest.raises(ConfigError):
-        keep_count(6, 1.5)
+        _count(6, 1.5)
+
+
+def test_baselines_keep_their_absolute_float_tolerance():
+    # 0.29 * 1e8 = 28999999.999999996, 3.7e-9 below the integer: near it relative to its size, not absolutely
+    assert _count(10**8, 0.29) == 28_999_999
+    assert keep_count(0.29, 10**8) == 29_000_000  # the kernel's relative rule
+    assert int(magnitude_topk(torch.arange(1.0, 101.0), 0.29).count_nonzero()) == 29  # small: both agree
 
 
 def test_magnitude_topk_by_hand():

@@ -15,7 +15,7 @@ pytest.importorskip("mergekit")
 from model_tailor.bench import peers
 from model_tailor.bench.methods import MethodSpec, baseline_overrides, changed_tensors
 from model_tailor.io.checkpoint import CheckpointReader
-from model_tailor.kernel.baselines import keep_count
+from model_tailor.kernel.masking import keep_count
 from model_tailor.pipeline.architectures import checkpoint_names
 
 
@@ -102,9 +102,9 @@ def test_ties_is_the_projects_magnitude_topk(pair, density):
     ours_mag = baseline_overrides(MethodSpec("magnitude", density), pair.base, pair.ft, pair.names)
     for n in pair.names:
         numel = pair.base[n].numel()
-        assert max(1, int(density * numel)) == keep_count(numel, density), n
+        assert max(1, int(density * numel)) == keep_count(density, numel, tolerance="absolute"), n
         kept = merged.overrides[n] != pair.base[n]
-        assert int(kept.sum()) == keep_count(numel, density), n
+        assert int(kept.sum()) == keep_count(density, numel, tolerance="absolute"), n
         # the kept entries are exactly the largest |delta| ones, at their fine-tuned value (no rescale)
         smallest_kept = pair.delta(n).abs()[kept].min()
         assert bool((pair.delta(n).abs()[~kept] <= smallest_kept).all()), n
@@ -125,9 +125,9 @@ def test_mergekit_magnitude_rounding_differs_from_keep_count():
     from mergekit.sparsify import magnitude
 
     x = torch.arange(1.0, 101.0)  # 0.29 * 100 = 28.999999999999996
-    assert int((magnitude(x, 0.29) != 0).sum()) == 28 and keep_count(100, 0.29) == 29
+    assert int((magnitude(x, 0.29) != 0).sum()) == 28 and keep_count(0.29, 100, tolerance="absolute") == 29
     y = torch.arange(1.0, 33.0)  # 0.01 * 32 = 0.32
-    assert int((magnitude(y, 0.01) != 0).sum()) == 1 and keep_count(32, 0.01) == 0
+    assert int((magnitude(y, 0.01) != 0).sum()) == 1 and keep_count(0.01, 32, tolerance="absolute") == 0
 
 
 def test_dare_ties_is_bernoulli_mask_rescaled_to_l1_and_seeded(pair):
@@ -165,7 +165,7 @@ def test_dare_ties_is_bernoulli_mask_rescaled_to_l1_and_seeded(pair):
         # Bernoulli(d): the count is random around d·numel (5 sigma), not exactly keep_count
         sigma = (numel * d * (1 - d)) ** 0.5
         assert abs(k - d * numel) <= 5 * sigma + 1, (n, k, numel)
-        off_floor += k != keep_count(numel, d)
+        off_floor += k != keep_count(d, numel, tolerance="absolute")
     assert off_floor > 0, "every kept count equals floor(d·numel): not a Bernoulli mask?"
 
 

@@ -19,6 +19,12 @@ def test_keep_count_is_floor_robust_to_float_error(density, m, k):
     assert keep_count(density, m) == k
 
 
+def test_keep_count_tolerance_is_named():
+    assert keep_count(0.3, 10, tolerance="absolute") == 3  # 2.9999999999999996 snaps under both rules
+    with pytest.raises(ConfigError, match="tolerance"):
+        keep_count(0.3, 10, tolerance="loose")
+
+
 @pytest.mark.parametrize("density", [0, 0.0, -0.1, 1.5, float("nan"), float("inf")])
 def test_density_outside_unit_interval_raises(density):
     with pytest.raises(ConfigError, match="density"):

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from model_tailor.errors import ConfigError
+from model_tailor.kernel.masking import check_density, keep_count, top_k
 from model_tailor.registry import Registry
 
 __all__ = [
@@ -34,7 +35,6 @@ __all__ = [
     "dare",
     "fapm",
     "fapm_scores",
-    "keep_count",
     "layer_index",
     "lines",
     "lines_scale",
@@ -49,28 +49,17 @@ __all__ = [
 ]
 
 
-def _check_density(density: float) -> None:
-    if not 0.0 < density <= 1.0:
-        raise ConfigError(f"density must be in (0, 1], got {density}; it is the fraction of the delta KEPT")
-
-
-def keep_count(numel: int, density: float) -> int:
-    """Exactly ``floor(density * numel)`` entries are kept (docs/METHOD.md, D9), computed without float drift."""
-    _check_density(density)
-    return min(numel, int(density * numel + 1e-9))
+def _count(delta: torch.Tensor, density: float) -> int:
+    """``floor(density * numel)`` entries of a whole tensor, with the baselines' absolute float tolerance."""
+    return keep_count(density, delta.numel(), tolerance="absolute")
 
 
 def topk_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
     """Keep mask (True = kept) of the ``keep_count`` largest ``|delta|`` entries of the whole tensor.
 
-    Ties are broken by position (stable sort), so the mask is deterministic and has exactly k entries.
+    Ties are broken by position (the lower flat index wins), so the mask is deterministic with exactly k entries.
     """
-    k = keep_count(delta.numel(), density)
-    flat = delta.detach().reshape(-1).abs().float()
-    order = torch.sort(flat, descending=True, stable=True).indices[:k]
-    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=delta.device)
-    mask[order] = True
-    return mask.reshape(delta.shape)
+    return top_k(delta.detach().reshape(-1).abs().float(), _count(delta, density)).reshape(delta.shape)
 
 
 def magnitude_topk(delta: torch.Tensor, density: float) -> torch.Tensor:
@@ -91,7 +80,7 @@ def dare(
     unchanged; without it the method is plain random sparsification. Randomness comes only from
     ``generator`` (seed it for reproducibility; one generator is consumed tensor by tensor).
     """
-    k = keep_count(delta.numel(), density)
+    k = _count(delta, density)
     perm = torch.randperm(delta.numel(), generator=generator, device="cpu")[:k].to(delta.device)
     mask = torch.zeros(delta.numel(), dtype=torch.bool, device=delta.device)
     mask[perm] = True
@@ -155,11 +144,8 @@ def layer_index(name: str) -> int | None:
 
 def _keep_top(delta: torch.Tensor, score: torch.Tensor, density: float) -> torch.Tensor:
     """``delta`` on the ``keep_count`` highest scores (ties by position), zero elsewhere."""
-    k = keep_count(delta.numel(), density)
-    order = torch.sort(score.reshape(-1), descending=True, stable=True).indices[:k]
-    mask = torch.zeros(delta.numel(), dtype=torch.bool, device=delta.device)
-    mask[order] = True
-    return torch.where(mask.reshape(delta.shape), delta, torch.zeros_like(delta))
+    mask = top_k(score.reshape(-1), _count(delta, density)).reshape(delta.shape)
+    return torch.where(mask, delta, torch.zeros_like(delta))
 
 
 def fapm_scores(delta: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
@@ -209,7 +195,7 @@ def lines(
 
 def lowrank_rank(rows: int, cols: int, density: float) -> int:
     """Rank whose factors fit the budget of ``density·rows·cols`` entries: ``floor(d·rows·cols/(rows+cols))``."""
-    _check_density(density)
+    check_density(density)
     return min(rows, cols, int(density * rows * cols / (rows + cols) + 1e-9))
 
 

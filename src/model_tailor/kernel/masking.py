@@ -31,39 +31,49 @@ import torch
 
 from model_tailor.errors import ConfigError, NumericalError
 
-__all__ = ["GRANULARITIES", "keep_count", "select_keep_mask", "select_keep_masks_global"]
+__all__ = ["GRANULARITIES", "check_density", "keep_count", "select_keep_mask", "select_keep_masks_global", "top_k"]
 
 GRANULARITIES = ("block", "row", "tensor")
 
-# Relative tolerance for snapping density*m to an integer: 0.29 * 100 evaluates to 28.999999999999996.
-_SNAP_RTOL = 1e-9
+# Tolerance for snapping density*m to an integer: 0.29 * 100 evaluates to 28.999999999999996.
+_SNAP_TOL = 1e-9
+TOLERANCES = ("relative", "absolute")
 
 
-def _check_density(density: float) -> None:
+def check_density(density: float) -> None:
+    """Raise :class:`ConfigError` unless ``density`` (the fraction of the delta kept) is in (0, 1]."""
     if not (isinstance(density, (int, float)) and 0.0 < float(density) <= 1.0):
         raise ConfigError(f"density must be in (0, 1] (the fraction of the delta kept), got {density!r}")
 
 
-def keep_count(density: float, m: int) -> int:
+def keep_count(density: float, m: int, *, tolerance: str = "relative") -> int:
     """``k = floor(density * m)``, robust to float error (docs/METHOD.md §7, D9).
 
     Args:
         density: fraction kept, in (0, 1].
         m: group size, >= 0.
+        tolerance: how near an integer ``density * m`` must be to count as it. ``"relative"`` (within 1e-9
+            of its size) is the rule of the kernel. ``"absolute"`` (within 1e-9) is the rule the data-free
+            baselines were measured with: from ~1e8 entries on it can floor a product that float error put
+            just below an integer one short, so it stays theirs to keep their results where they are.
 
     Returns:
         The number of entries to keep, ``0 <= k <= m``.
     """
-    _check_density(density)
+    check_density(density)
     if m < 0:
         raise ConfigError(f"keep_count: group size must be >= 0, got {m}")
+    if tolerance not in TOLERANCES:
+        raise ConfigError(f"keep_count: tolerance must be one of {TOLERANCES}, got {tolerance!r}")
     x = float(density) * m
+    if tolerance == "absolute":
+        return min(m, int(x + _SNAP_TOL))
     nearest = round(x)
-    k = nearest if abs(x - nearest) <= _SNAP_RTOL * max(1.0, x) else math.floor(x)
+    k = nearest if abs(x - nearest) <= _SNAP_TOL * max(1.0, x) else math.floor(x)
     return max(0, min(m, int(k)))
 
 
-def _top_k_flat(scores: torch.Tensor, k: int) -> torch.Tensor:
+def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Bool keep mask of the k best entries along the last dim; ties go to the lower index.
 
     Equivalent to the first k of a stable descending sort, in O(m): find the k-th largest value tau, keep
@@ -108,7 +118,7 @@ def select_keep_mask(
     Returns:
         ``(rows, cols)`` bool keep mask, True = in the patch. Ties: lower flat index kept first.
     """
-    _check_density(density)
+    check_density(density)
     if granularity not in GRANULARITIES:
         raise ConfigError(
             f"granularity must be one of {GRANULARITIES} (or use select_keep_masks_global), got {granularity!r}"
@@ -122,12 +132,12 @@ def select_keep_mask(
         k = keep_count(density, rows * cols)
         if k == 0 and rows * cols:
             _warn_empty("tensor", density)
-        return _top_k_flat(scores.reshape(-1), k).reshape(rows, cols)
+        return top_k(scores.reshape(-1), k).reshape(rows, cols)
     if granularity == "row":
         k = keep_count(density, cols)
         if k == 0 and rows * cols:
             _warn_empty("row", density)
-        return _top_k_flat(scores, k)
+        return top_k(scores, k)
     if block_size < 1:
         raise ConfigError(f"block_size must be >= 1, got {block_size}")
     keep = torch.empty(rows, cols, dtype=torch.bool, device=scores.device)
@@ -137,7 +147,7 @@ def select_keep_mask(
         k = keep_count(density, rows * (e - b))
         empty |= k == 0 and rows > 0
         # Flattening the (rows, width) block row-major keeps "lower flat index wins" within the block.
-        keep[:, b:e] = _top_k_flat(scores[:, b:e].reshape(-1), k).reshape(rows, e - b)
+        keep[:, b:e] = top_k(scores[:, b:e].reshape(-1), k).reshape(rows, e - b)
     if empty:
         _warn_empty("block", density)
     return keep
@@ -158,7 +168,7 @@ def select_keep_masks_global(scores: Mapping[str, torch.Tensor], density: float)
         name -> bool keep mask of the same shape, True = in the patch; exactly ``floor(density * total)``
         entries are True.
     """
-    _check_density(density)
+    check_density(density)
     if not scores:
         return {}
     names = list(scores)
@@ -170,7 +180,7 @@ def select_keep_masks_global(scores: Mapping[str, torch.Tensor], density: float)
     k = keep_count(density, flat.numel())
     if k == 0 and flat.numel():
         _warn_empty("global", density)
-    keep_flat = _top_k_flat(flat, k)
+    keep_flat = top_k(flat, k)
     out: dict[str, torch.Tensor] = {}
     offset = 0
     for n in names:

@@ -22,7 +22,7 @@ from model_tailor.kernel.compensation import (
     reconstruction_error,
 )
 from model_tailor.kernel.hessian import DampedFactor, factor_hessian, fp32_precision
-from model_tailor.kernel.masking import GRANULARITIES, keep_count, select_keep_mask
+from model_tailor.kernel.masking import GRANULARITIES, check_density, select_keep_mask
 from model_tailor.kernel.scoring import SENSITIVITY_KINDS, fuse_scores, salience
 from model_tailor.kernel.scoring import sensitivity as compute_sensitivity
 
@@ -184,7 +184,7 @@ def tailor_weight(
     _check_choice(sensitivity, SENSITIVITY_KINDS, "sensitivity")
     _check_choice(mask_timing, MASK_TIMINGS, "mask_timing")
     _check_choice(salience_from, SALIENCE_SOURCES, "salience_from")
-    keep_count(density, 0)  # validates density in (0, 1]
+    check_density(density)
     if not 0.0 <= alpha <= 1.0:
         raise ConfigError(f"alpha must be in [0, 1], got {alpha}")
     if block_size < 1:
