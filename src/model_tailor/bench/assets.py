@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from model_tailor.errors import ConfigError
-from model_tailor.options import default_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +27,10 @@ SHAPES = ("circle", "rectangle", "triangle")
 
 def resolve_cache_dir(cli_value: str | os.PathLike[str] | None = None) -> Path:
     """``--cache-dir`` wins, then ``$MODEL_TAILOR_CACHE``, then ``~/.cache/model-tailor``."""
-    return Path(cli_value).expanduser() if cli_value else default_cache_dir()
+    if cli_value:
+        return Path(cli_value).expanduser()
+    env = os.environ.get("MODEL_TAILOR_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "model-tailor"
 
 
 def package_dir(module: str, pip_name: str) -> Path:
