@@ -1,7 +1,9 @@
 """Command-line interface: parse, build a config, call the library, map errors to exit codes.
 
 Each subcommand lives in ``model_tailor.commands.<name>`` and exposes ``add_parser(subparsers)`` and
-``run(args) -> int``. This module holds no maths.
+``run(args) -> int``. This module holds no maths. The error contract: every failure prints exactly one stderr
+line ``model-tailor <command>: error: ...`` and exits non-zero (2 for usage and config errors, 1 for the
+rest, 130 on Ctrl-C, from the first import on); ``--debug`` re-raises with the traceback instead.
 """
 
 from __future__ import annotations
@@ -11,15 +13,26 @@ import importlib
 import logging
 import sys
 from collections.abc import Sequence
-
-from model_tailor import __version__
-from model_tailor.errors import ModelTailorError
+from typing import NoReturn
 
 COMMANDS = ("tailor", "apply", "remove", "combine", "inspect", "baseline", "bench", "list")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line (argparse prints the whole usage block first).
+
+    ``add_subparsers`` makes its subparsers of the parser's own class, so every subcommand inherits this.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        line = " ".join(message.split())
+        self.exit(2, f"{self.prog}: error: {line} (see {self.prog} --help)\n")
+
+
+def build_parser() -> OneLineParser:
+    from model_tailor import __version__
+
+    parser = OneLineParser(
         prog="model-tailor",
         description="Repair catastrophic forgetting: graft a small compensated patch of fine-tuned weights onto base.",
     )
@@ -32,22 +45,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _parse(argv: list[str]) -> argparse.Namespace:
+    """Parse ``argv``; stray arguments are reported by their subcommand, so the error names it."""
     parser = build_parser()
-    args = parser.parse_args(argv)
-    level = logging.WARNING - 10 * min(args.verbose, 2)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        subparsers.choices[args.command].error(f"unrecognized arguments: {' '.join(extras)}")
+    return args
+
+
+def _guess_command(argv: Sequence[str]) -> str:
+    """The subcommand named in ``argv`` (for messages before parsing has finished), or ``""``."""
+    return next((f" {a}" for a in argv if a in COMMANDS), "")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    prog, debug = f"model-tailor{_guess_command(argv)}", "--debug" in argv
     try:
+        try:
+            args = _parse(argv)
+        except SystemExit as stop:  # --help, --version and usage errors (already printed)
+            return stop.code if isinstance(stop.code, int) else 2
+        prog, debug = f"model-tailor {args.command}", args.debug
+        level = logging.WARNING - 10 * min(args.verbose, 2)
+        logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
         return int(args.func(args) or 0)
-    except ModelTailorError as err:
-        if args.debug:
-            raise
-        message = " ".join(str(err).split())
-        print(f"model-tailor {args.command}: error: {message}", file=sys.stderr)
-        return err.exit_code
     except KeyboardInterrupt:
-        print(f"model-tailor {args.command}: interrupted; no partial output was left behind", file=sys.stderr)
+        print(f"{prog}: interrupted; no partial output was left behind", file=sys.stderr)
         return 130
+    except Exception as err:
+        if debug:
+            raise
+        return _report(prog, err)
+
+
+def _report(prog: str, err: Exception) -> int:
+    """Print ``err`` as one line; a :class:`ModelTailorError` is expected, anything else names its type."""
+    from model_tailor.errors import ModelTailorError
+
+    message = " ".join(str(err).split())
+    if isinstance(err, ModelTailorError):
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return err.exit_code
+    print(f"{prog}: error: {type(err).__name__}: {message} (run with --debug for the traceback)", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

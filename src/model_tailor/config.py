@@ -1,8 +1,11 @@
 """TailorConfig: every option of ``model-tailor tailor``, validated once (pydantic v2, frozen, extra=forbid).
 
-Defaults are the corrected behaviour of METHOD.md §16 (OBS sign, z = 0 on flat rows, exact keep counts,
-masks and positions during replay, reset of non-target tuned tensors). YAML files hold the same fields as the
-CLI flags; an unknown key is an error, never ignored (STYLE.md §8).
+The defaults are the corrected method (see docs/METHOD.md): the OBS update with its proper sign, a zero (not
+NaN) z-score on flat rows, exact keep counts, masks and positions applied while replaying calibration data,
+and changed tensors outside the targets reset to base. YAML files hold the same fields as the CLI flags (the
+``tailor`` flags are generated from these fields and their descriptions); an unknown key is an error, never
+ignored.
+The allowed values of choice options live in :mod:`model_tailor.options`, shared with the kernel.
 """
 
 from __future__ import annotations
@@ -11,29 +14,29 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from model_tailor.errors import ConfigError
+from model_tailor.options import (
+    DEFAULT_MAX_SHARD_BYTES,
+    Compensation,
+    DType,
+    Granularity,
+    MaskTiming,
+    NonTargetPolicy,
+    SalienceSource,
+    Sensitivity,
+    Structure,
+    default_cache_dir,
+)
 
 __all__ = ["TailorConfig", "format_validation_error"]
 
-Granularity = Literal["block", "row", "tensor", "global"]
-Compensation = Literal["obs", "official", "none", "exact"]
-NonTargetPolicy = Literal["reset", "keep", "tailor"]
-DType = Literal["float32", "bfloat16", "float16"]
-Structure = Literal["sparse", "lowrank", "sparse+lowrank"]
-
-# lambda of the preserve-aware objective (PILOT.md: 0.3-1 measured at density 0.1). One constant, so the default
-# can move once the bench grid is in.
+# lambda of the preserve-aware objective; 0.3-1 worked at density 0.1 in the first measurements. One constant,
+# so the default moves in one place once the bench grid settles it.
 DEFAULT_PRESERVE_WEIGHT = 1.0
-
-
-def default_cache_dir() -> Path:
-    """``$MODEL_TAILOR_CACHE`` or ``~/.cache/model-tailor``: where ``--preserve self`` caches generations."""
-    env = os.environ.get("MODEL_TAILOR_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "model-tailor"
 
 
 class TailorConfig(BaseModel):
@@ -41,44 +44,88 @@ class TailorConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    base: Path
-    finetuned: Path
-    calibration: Path | None = None
-    out: Path | None = None
-    save_model: Path | None = None
-    # METHOD §7/§16 D6, D8, D10: fraction kept, fusion weight, selection group
-    density: float = Field(0.1, gt=0, le=1)
-    alpha: float = Field(0.8, ge=0, le=1)
-    granularity: Granularity = "block"
-    compensation: Compensation = "obs"
-    sensitivity: Literal["weight", "revert"] = "weight"
-    mask_timing: Literal["adaptive", "upfront"] = "adaptive"
-    guard: bool = True
-    block_size: int = Field(128, gt=0)
-    percdamp: float = Field(0.01, ge=0)
-    # METHOD §10 / D15: sequences, not batches; a token cap, never max_position_embeddings
-    samples: int = Field(128, gt=0)
-    max_tokens: int = Field(512, gt=0)
-    batch_size: int = Field(4, gt=0)
-    seed: int = 0
-    device: str = "cpu"
-    dtype: DType = "float32"
-    include: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
-    non_target_policy: NonTargetPolicy = "reset"
-    # Issue 5, PILOT.md: preserve-aware tailoring. ``preserve`` is a JSONL file (calibration record forms) or
-    # "self" (the base model answers shipped generic instructions); lambda weighs ||(W - W_pre) X_o||^2.
-    preserve: str | None = None
-    preserve_weight: float = Field(DEFAULT_PRESERVE_WEIGHT, ge=0, allow_inf_nan=False)
-    preserve_samples: int = Field(64, gt=0)
-    preserve_max_new_tokens: int = Field(48, gt=0)
-    # Patch structure under one parameter budget (density * rows * cols; a rank-r pair costs r * (rows + cols)).
-    # Low-rank factors are fitted in closed form, whatever ``compensation`` says; it applies to the sparse part.
-    structure: Structure = "sparse"
-    salience_from: Literal["delta", "target"] = "delta"
-    cache_dir: Path = Field(default_factory=default_cache_dir)
-    max_shard_bytes: int = Field(2_000_000_000, gt=0)
-    overwrite: bool = False
+    base: Path = Field(description="pre-trained model folder")
+    finetuned: Path = Field(description="fine-tuned model folder (its tokenizer/processor render the calibration)")
+    calibration: Path | None = Field(
+        None, description="JSONL of target-task records: text | prompt/response | messages (+image)"
+    )
+    out: Path | None = Field(
+        None, description="patch file to write (.safetensors); the report goes to <out>.report.json"
+    )
+    save_model: Path | None = Field(None, description="also write the full tailored model to this folder")
+    density: float = Field(0.1, gt=0, le=1, description="fraction of the delta kept in the patch, in (0, 1]")
+    alpha: float = Field(
+        0.8, ge=0, le=1, description="fusion weight of salience vs sensitivity (1 = salience only), in [0, 1]"
+    )
+    granularity: Granularity = Field(
+        "block",
+        description="group within which the kept fraction is exact: block (of block_size columns), row, tensor, "
+        "or global (one threshold on salience over all targets)",
+    )
+    compensation: Compensation = Field(
+        "obs",
+        description="how kept weights absorb the reverted ones: obs (OBS sweep), official (the paper code's "
+        "sign), none, exact (per-row solve)",
+    )
+    sensitivity: Sensitivity = Field(
+        "weight", description="OBS cost scored: of the fine-tuned weight (weight) or of reverting it to base (revert)"
+    )
+    mask_timing: MaskTiming = Field(
+        "adaptive", description="select the mask block by block as compensation moves weights, or all upfront"
+    )
+    guard: bool = Field(
+        True,
+        description="keep a tensor's plainly masked weights when they reconstruct its layer output better than the "
+        "compensated ones",
+    )
+    block_size: int = Field(
+        128, gt=0, description="column block width of the scores, the block granularity and the sweep"
+    )
+    percdamp: float = Field(0.01, ge=0, description="Hessian damping, as a fraction of its mean diagonal")
+    # Counts are sequences, not batches, and tokens are capped explicitly (never max_position_embeddings).
+    samples: int = Field(128, gt=0, description="calibration sequences used")
+    max_tokens: int = Field(512, gt=0, description="token cap per calibration sequence")
+    batch_size: int = Field(4, gt=0, description="sequences per forward pass")
+    seed: int = Field(0, description="seed of calibration sampling and of 'self' generations")
+    device: str = Field("cpu", description="cpu, cuda or cuda:N")
+    dtype: DType = Field("float32", description="dtype of block forwards")
+    include: tuple[str, ...] = Field((), description="glob over parameter names to target (repeatable)")
+    exclude: tuple[str, ...] = Field((), description="glob over parameter names to leave out (repeatable)")
+    non_target_policy: NonTargetPolicy = Field(
+        "reset", description="what happens to changed tensors that are not targets: reset to base, keep, or tailor"
+    )
+    # Preserve-aware tailoring: lambda weighs ||(W - W_pre) X_o||^2 on original-ability inputs X_o.
+    preserve: str | None = Field(
+        None,
+        description="original-ability data: a JSONL file (calibration record forms) or 'self' (the base model "
+        "answers shipped generic instructions); adds lambda ||(W - W_pre) X_o||^2 to each layer's objective",
+    )
+    preserve_weight: float = Field(
+        DEFAULT_PRESERVE_WEIGHT, ge=0, allow_inf_nan=False, description="lambda of the preserve term, >= 0"
+    )
+    preserve_samples: int = Field(64, gt=0, description="preserve records used")
+    preserve_max_new_tokens: int = Field(48, gt=0, description="answer length the base generates for 'self'")
+    # One parameter budget (density * rows * cols; a rank-r pair costs r * (rows + cols)). Low-rank factors are
+    # fitted in closed form whatever ``compensation`` says; it applies to the sparse part.
+    structure: Structure = Field(
+        "sparse",
+        description="patch structure under one parameter budget (density * rows * cols parameters; a rank-r "
+        "pair costs r * (rows + cols))",
+    )
+    salience_from: SalienceSource = Field(
+        "delta", description="what salience ranks: |finetuned - base| or |target - base|"
+    )
+    cache_dir: Path = Field(
+        default_factory=default_cache_dir,
+        description="cache of --preserve self (default $MODEL_TAILOR_CACHE or ~/.cache/model-tailor)",
+    )
+    max_shard_bytes: int = Field(
+        DEFAULT_MAX_SHARD_BYTES, gt=0, description="--save-model shard size; saving holds about one shard in memory"
+    )
+    overwrite: bool = Field(False, description="replace an existing output")
+    allow_outside_paths: bool = Field(
+        False, description="let image paths in calibration/preserve files point outside the file's folder"
+    )
 
     @field_validator("device")
     @classmethod
@@ -99,8 +146,7 @@ class TailorConfig(BaseModel):
     def _check_combination(self) -> TailorConfig:
         if self.calibration is None and not self.data_free:
             raise ValueError(
-                "calibration data is required; only the data-free mode (alpha=1 with compensation=none, "
-                "METHOD §10) runs without it"
+                "calibration data is required; only the data-free mode (alpha=1 with compensation=none) runs without it"
             )
         if self.data_free and self.preserve is not None:
             raise ValueError(
@@ -128,7 +174,7 @@ class TailorConfig(BaseModel):
 
     @property
     def data_free(self) -> bool:
-        """Salience-only, uncompensated tailoring needs no calibration data (METHOD §10, not Model Tailor)."""
+        """Salience-only, uncompensated tailoring needs no calibration data (a baseline, not Model Tailor)."""
         return self.alpha == 1.0 and self.compensation == "none"
 
     @classmethod
@@ -149,6 +195,10 @@ class TailorConfig(BaseModel):
             data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
         except OSError as err:
             raise ConfigError(f"config file {str(file)!r} cannot be read ({err.strerror})") from None
+        except UnicodeDecodeError as err:
+            raise ConfigError(
+                f"config file {str(file)!r} is not UTF-8 text (byte {err.start}); save it as UTF-8 YAML"
+            ) from None
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {str(file)!r} is not valid YAML ({' '.join(str(err).split())})") from None
         if not isinstance(data, dict):

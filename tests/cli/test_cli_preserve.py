@@ -38,5 +38,5 @@ def test_invalid_options(pico, out, capsys, flags, match):
 
 def test_unknown_structure(pico, out, capsys):
     expect_failure(
-        capsys, tailor_args(pico("llama"), out, "--structure", "dense"), out, 2, "structure: Input should be"
+        capsys, tailor_args(pico("llama"), out, "--structure", "dense"), out, 2, "--structure: invalid choice: 'dense'"
     )

@@ -5,16 +5,115 @@ Each error gives exactly one stderr line and a non-zero exit, and leaves nothing
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
+import types
+from typing import Literal, Union, get_args, get_origin
 
 import pytest
 import torch
 from safetensors.torch import save_file
 from tailor_cli import expect_failure, tailor_args
 
-from model_tailor.cli import main
+from model_tailor.cli import build_parser, main
+from model_tailor.commands.tailor import build_config
+from model_tailor.config import TailorConfig
 from model_tailor.io.checkpoint import CheckpointReader
+
+# Every flag ``tailor`` had when its parser was written by hand: users type these, so none may go away.
+HAND_WRITTEN_FLAGS = (
+    "--config --base --finetuned --calibration --out --save-model --density --alpha --granularity --compensation "
+    "--sensitivity --mask-timing --block-size --percdamp --samples --max-tokens --batch-size --seed --device "
+    "--dtype --include --exclude --non-target-policy --preserve --preserve-weight --preserve-samples "
+    "--preserve-max-new-tokens --structure --salience-from --cache-dir --max-shard-bytes --overwrite --dry-run "
+    "--quiet"
+).split()
+
+
+def _tailor_parser() -> argparse.ArgumentParser:
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices["tailor"]
+
+
+def _without_none(annotation):
+    if get_origin(annotation) in (Union, types.UnionType):
+        (annotation,) = [a for a in get_args(annotation) if a is not type(None)]
+    return annotation
+
+
+def test_every_config_field_has_a_flag_with_the_literal_choices():
+    flags = _tailor_parser()._option_string_actions
+    for name, info in TailorConfig.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        assert flag in flags, f"config field {name} has no flag {flag}"
+        action = flags[flag]
+        assert action.dest == name and action.default is None  # None = not given: a --config file wins
+        assert action.help, f"{flag} has no help"
+        annotation = _without_none(info.annotation)
+        if get_origin(annotation) is Literal:
+            assert tuple(action.choices) == get_args(annotation), flag
+        else:
+            assert action.choices is None, flag
+    assert {"--guard", "--no-guard"} <= flags.keys()
+
+
+def test_hand_written_flag_spellings_still_parse():
+    flags = _tailor_parser()._option_string_actions
+    assert [f for f in HAND_WRITTEN_FLAGS if f not in flags] == []
+
+
+def test_flags_reach_the_config_and_do_not_override_the_file_when_absent(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("base: /b\nfinetuned: /f\ncalibration: /c.jsonl\nguard: false\noverwrite: true\n")
+    parser = build_parser()
+    args = parser.parse_args(["tailor", "--config", str(cfg_file), "--include", "*.mlp.*", "--include", "*.q*"])
+    cfg = build_config(args)
+    assert (cfg.guard, cfg.overwrite, cfg.include) == (False, True, ("*.mlp.*", "*.q*"))
+    args = parser.parse_args(["tailor", "--config", str(cfg_file), "--guard", "--granularity", "row"])
+    cfg = build_config(args)
+    assert (cfg.guard, cfg.granularity, cfg.density, cfg.max_shard_bytes) == (True, "row", 0.1, 2_000_000_000)
+    args = parser.parse_args(["tailor", "--base", "b", "--finetuned", "f", "--calibration", "c", "--no-guard"])
+    assert build_config(args).guard is False
+
+
+@pytest.mark.parametrize(
+    ("flags", "match"),
+    [
+        (("--density", "abc"), "argument --density: invalid float value: 'abc'"),
+        (("--samples", "1.5"), "argument --samples: invalid int value: '1.5'"),
+        (("--granularity", "layer"), "argument --granularity: invalid choice: 'layer'"),
+        (("--non-target-policy", "drop"), "argument --non-target-policy: invalid choice: 'drop'"),
+        (("--densty", "0.1"), "unrecognized arguments: --densty 0.1"),
+        (("--guard=yes",), "argument --guard"),
+    ],
+)
+def test_usage_errors_are_one_line(pico, tmp_path, capsys, flags, match):
+    expect_failure(capsys, tailor_args(pico("llama"), tmp_path, *flags), tmp_path, 2, match)
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (b"base: b\ndensity: \xff\xfe\n", "is not UTF-8 text"),
+        (b"- base\n- finetuned\n", "must hold a mapping"),
+        (b"just a string\n", "must hold a mapping"),
+    ],
+)
+def test_bad_config_file_is_one_line(tmp_path, capsys, content, match):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_bytes(content)
+    out = tmp_path / "out"
+    out.mkdir()
+    line = expect_failure(capsys, ["tailor", "--config", str(cfg), "--out", str(out / "p.safetensors")], out, 2, match)
+    assert str(cfg) in line
+
+
+def test_missing_config_file_is_one_line(tmp_path, capsys):
+    missing = tmp_path / "nope.yaml"
+    argv = ["tailor", "--config", str(missing), "--out", str(tmp_path / "p.safetensors")]
+    line = expect_failure(capsys, argv, tmp_path, 2, "cannot be read (No such file or directory)")
+    assert str(missing) in line
 
 
 def _copy_with(tmp_path, pair, name, edit):

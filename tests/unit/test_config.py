@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
+import subprocess
+import sys
+from pathlib import Path
+from typing import get_args
+
 import pytest
 
+from model_tailor import options
 from model_tailor.config import TailorConfig
 from model_tailor.errors import ConfigError
 
@@ -75,3 +82,54 @@ def test_fingerprint_ignores_output_paths():
     b = TailorConfig.build(**BASE, out="y.safetensors", save_model="m")
     assert a.fingerprint() == b.fingerprint()
     assert a.fingerprint() != TailorConfig.build(**BASE, density=0.2).fingerprint()
+
+
+def test_yaml_not_utf8_is_one_line_naming_the_file(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_bytes(b"base: b\nfinetuned: \xe9t\xe9\n")  # latin-1, not UTF-8
+    with pytest.raises(ConfigError, match="is not UTF-8 text") as info:
+        TailorConfig.from_yaml(p)
+    assert str(p) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_missing_yaml_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot be read"):
+        TailorConfig.from_yaml(tmp_path / "absent.yaml")
+
+
+def test_choice_fields_and_kernel_checks_share_one_vocabulary():
+    from model_tailor.kernel import compensation, masking, scoring, structure, tailor
+
+    fields = TailorConfig.model_fields
+    assert get_args(fields["granularity"].annotation) == ("block", "row", "tensor", "global")
+    assert masking.GRANULARITIES == ("block", "row", "tensor")  # "global" is chosen above the one-tensor kernel
+    assert compensation.COMPENSATIONS is options.COMPENSATIONS == get_args(fields["compensation"].annotation)
+    assert scoring.SENSITIVITY_KINDS is options.SENSITIVITY_KINDS == get_args(fields["sensitivity"].annotation)
+    assert tailor.MASK_TIMINGS is options.MASK_TIMINGS == get_args(fields["mask_timing"].annotation)
+    assert tailor.SALIENCE_SOURCES is options.SALIENCE_SOURCES == get_args(fields["salience_from"].annotation)
+    assert structure.STRUCTURES is options.STRUCTURES == get_args(fields["structure"].annotation)
+
+
+def test_every_field_has_a_description():
+    assert [n for n, f in TailorConfig.model_fields.items() if not f.description] == []
+
+
+def test_shard_size_and_cache_folder_have_one_default(monkeypatch, tmp_path):
+    from model_tailor.bench.assets import resolve_cache_dir
+    from model_tailor.io.checkpoint import CheckpointWriter
+    from model_tailor.patch.apply import apply_patches, remove_patches
+
+    assert options.DEFAULT_MAX_SHARD_BYTES == 2_000_000_000
+    assert TailorConfig.build(**BASE).max_shard_bytes == options.DEFAULT_MAX_SHARD_BYTES
+    for fn in (CheckpointWriter, apply_patches, remove_patches):
+        assert inspect.signature(fn).parameters["max_shard_bytes"].default == options.DEFAULT_MAX_SHARD_BYTES
+    monkeypatch.setenv("MODEL_TAILOR_CACHE", "~/mt-cache")
+    expected = Path.home() / "mt-cache"
+    assert resolve_cache_dir() == TailorConfig.build(**BASE).cache_dir == expected
+    assert resolve_cache_dir(tmp_path) == tmp_path  # --cache-dir wins
+
+
+def test_options_import_nothing_heavy():
+    code = "import sys, model_tailor.options; print(sorted({'torch', 'pydantic', 'transformers'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -1,4 +1,4 @@
-"""TailorConfig fields of preserve-aware tailoring and patch structures (Issue 5): defaults and validation."""
+"""TailorConfig fields of preserve-aware tailoring and patch structures: defaults and validation."""
 
 from __future__ import annotations
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from model_tailor.errors import ConfigError
+from model_tailor.options import default_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +28,7 @@ SHAPES = ("circle", "rectangle", "triangle")
 
 def resolve_cache_dir(cli_value: str | os.PathLike[str] | None = None) -> Path:
     """``--cache-dir`` wins, then ``$MODEL_TAILOR_CACHE``, then ``~/.cache/model-tailor``."""
-    if cli_value:
-        return Path(cli_value).expanduser()
-    env = os.environ.get("MODEL_TAILOR_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "model-tailor"
+    return Path(cli_value).expanduser() if cli_value else default_cache_dir()
 
 
 def package_dir(module: str, pip_name: str) -> Path:

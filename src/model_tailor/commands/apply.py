@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from model_tailor.patch.apply import DEFAULT_MAX_SHARD_BYTES, apply_patches
+from model_tailor.commands.common import add_overwrite_option
+from model_tailor.options import DEFAULT_MAX_SHARD_BYTES
+from model_tailor.patch.apply import apply_patches
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -21,11 +23,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def add_output_options(p: argparse.ArgumentParser, *, force_help: str) -> None:
     """The flags ``apply`` and ``remove`` share: they must agree, since ``remove`` undoes ``apply``."""
-    p.add_argument("--out", required=True, help="new checkpoint folder (must not exist)")
+    p.add_argument("--out", required=True, help="new checkpoint folder (must not exist unless --overwrite)")
     p.add_argument("--policy", default="disjoint-mean", help="combine policy for several patches (see `list`)")
     p.add_argument("--weights", type=float, nargs="+", help="per-patch scale of each delta")
     p.add_argument("--force", action="store_true", help=force_help)
     p.add_argument("--max-shard-bytes", type=int, default=DEFAULT_MAX_SHARD_BYTES, help="output shard size")
+    add_overwrite_option(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -37,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
         policy=args.policy,
         weights=args.weights,
         max_shard_bytes=args.max_shard_bytes,
+        overwrite=args.overwrite,
     )
     print(f"applied {len(args.patch)} patch(es) to {len(result.patched)} tensor(s) -> {result.out_dir}")
     if result.combine_report is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from model_tailor.commands.common import add_overwrite_option
 from model_tailor.errors import ShapeMismatchError
 
 
@@ -23,6 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--density", type=float, default=None, help="fraction of each delta KEPT (sparse methods)")
     p.add_argument("--scale", type=float, default=None, help="task-arithmetic scale or WiSE-FT alpha")
     p.add_argument("--seed", type=int, default=0, help="seed for DARE / random")
+    add_overwrite_option(p)
     p.set_defaults(func=run)
 
 
@@ -44,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
                 f"({len(missing)} in all); pass two checkpoints of the same architecture"
             )
         changed = 0
-        with CheckpointWriter(args.out) as writer:
+        with CheckpointWriter(args.out, overwrite=args.overwrite) as writer:
             for name in tqdm(sorted(base.names()), desc=f"baseline {args.method}", unit="tensor"):
                 b, f = base.get(name), ft.get(name)
                 if b.shape != f.shape:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from model_tailor.commands.common import add_overwrite_option
 from model_tailor.errors import ConfigError
 from model_tailor.patch.combine import combine_patches
 from model_tailor.patch.format import load_patch, save_patch
@@ -21,7 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", type=float, nargs="+", help="per-patch scale of each delta")
     p.add_argument("--out", required=True, help="combined patch file")
     p.add_argument("--force", action="store_true", help="combine patches made for different bases")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    add_overwrite_option(p)
     p.set_defaults(func=run)
 
 

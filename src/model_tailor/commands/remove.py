@@ -29,6 +29,7 @@ def run(args: argparse.Namespace) -> int:
         policy=args.policy,
         weights=args.weights,
         max_shard_bytes=args.max_shard_bytes,
+        overwrite=args.overwrite,
     )
     print(f"removed {len(args.patch)} patch(es) from {len(result.patched)} tensor(s) -> {result.out_dir}")
     if result.mismatched:

@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from model_tailor.errors import CheckpointError, ShapeMismatchError
+from model_tailor.options import DEFAULT_MAX_SHARD_BYTES
 
 logger = logging.getLogger(__name__)
 
@@ -248,7 +249,11 @@ class CheckpointWriter:
     """
 
     def __init__(
-        self, out_dir: str | os.PathLike[str], *, max_shard_bytes: int = 2_000_000_000, overwrite: bool = False
+        self,
+        out_dir: str | os.PathLike[str],
+        *,
+        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+        overwrite: bool = False,
     ) -> None:
         self.out_dir = Path(out_dir)
         if self.out_dir.exists() and not overwrite:

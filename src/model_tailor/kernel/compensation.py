@@ -16,6 +16,7 @@ import torch
 
 from model_tailor.errors import ConfigError, ShapeMismatchError
 from model_tailor.kernel.hessian import DampedFactor, factor_hessian, fp32_precision
+from model_tailor.options import COMPENSATIONS
 
 __all__ = [
     "COMPENSATIONS",
@@ -29,8 +30,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-COMPENSATIONS = ("obs", "official", "none", "exact")
 
 #: ``(W_block_current (rows, b), col_slice) -> bool keep mask (rows, b)``; True = in the patch (docs/METHOD.md §7).
 MaskSelector = Callable[[torch.Tensor, slice], torch.Tensor]

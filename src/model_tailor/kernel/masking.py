@@ -30,10 +30,9 @@ from collections.abc import Mapping
 import torch
 
 from model_tailor.errors import ConfigError, NumericalError
+from model_tailor.options import GRANULARITIES
 
 __all__ = ["GRANULARITIES", "check_density", "keep_count", "select_keep_mask", "select_keep_masks_global", "top_k"]
-
-GRANULARITIES = ("block", "row", "tensor")
 
 # Tolerance for snapping density*m to an integer: 0.29 * 100 evaluates to 28.999999999999996.
 _SNAP_TOL = 1e-9

@@ -9,10 +9,9 @@ from __future__ import annotations
 import torch
 
 from model_tailor.errors import ConfigError, ShapeMismatchError
+from model_tailor.options import SENSITIVITY_KINDS
 
 __all__ = ["fuse_scores", "salience", "sensitivity", "zscore_rows"]
-
-SENSITIVITY_KINDS = ("weight", "revert")
 
 
 def salience(base: torch.Tensor, finetuned: torch.Tensor) -> torch.Tensor:

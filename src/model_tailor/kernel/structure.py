@@ -15,12 +15,11 @@ from model_tailor.errors import ConfigError, ShapeMismatchError
 from model_tailor.kernel.compensation import compute_dtype, reconstruction_error
 from model_tailor.kernel.hessian import factor_hessian, fp32_precision
 from model_tailor.kernel.tailor import TailoredWeight, TailorStats, tailor_weight
+from model_tailor.options import STRUCTURES
 
 __all__ = ["STRUCTURES", "lowrank_patch", "tailor_weight_structured"]
 
 logger = logging.getLogger(__name__)
-
-STRUCTURES = ("sparse", "lowrank", "sparse+lowrank")
 
 
 def lowrank_patch(

@@ -25,13 +25,11 @@ from model_tailor.kernel.hessian import DampedFactor, factor_hessian, fp32_preci
 from model_tailor.kernel.masking import GRANULARITIES, check_density, select_keep_mask
 from model_tailor.kernel.scoring import SENSITIVITY_KINDS, fuse_scores, salience
 from model_tailor.kernel.scoring import sensitivity as compute_sensitivity
+from model_tailor.options import MASK_TIMINGS, SALIENCE_SOURCES
 
 __all__ = ["TailorStats", "TailoredWeight", "compensate", "tailor_weight"]
 
 logger = logging.getLogger(__name__)
-
-MASK_TIMINGS = ("adaptive", "upfront")
-SALIENCE_SOURCES = ("delta", "target")
 
 
 @dataclass(frozen=True)

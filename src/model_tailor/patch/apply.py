@@ -20,6 +20,7 @@ from typing import Any
 
 from model_tailor.errors import CheckpointError, PatchFormatError
 from model_tailor.io.checkpoint import CheckpointReader, CheckpointWriter
+from model_tailor.options import DEFAULT_MAX_SHARD_BYTES
 from model_tailor.patch.combine import COMBINE, CombineReport, combine_patches
 from model_tailor.patch.fingerprint import compare_fingerprint, structure_hash, tensor_hash
 from model_tailor.patch.format import load_patch
@@ -28,7 +29,6 @@ from model_tailor.patch.model import SparsePatch, current_versions, dtype_from_n
 logger = logging.getLogger(__name__)
 
 PROVENANCE_NAME = "model_tailor.json"
-DEFAULT_MAX_SHARD_BYTES = 2_000_000_000
 
 
 @dataclass(frozen=True)
@@ -115,6 +115,16 @@ def _provenance(
     }
 
 
+def _check_output(out_dir: str | os.PathLike[str], source: str | os.PathLike[str], overwrite: bool) -> Path:
+    """The output folder, refused when it exists (unless ``overwrite``) or is the checkpoint being read."""
+    out = Path(out_dir)
+    if out.exists() and out.resolve() == Path(source).resolve():
+        raise CheckpointError(f"output {str(out)!r} is the input checkpoint; choose a new folder")
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"output {str(out)!r} already exists; choose a new folder or pass --overwrite")
+    return out
+
+
 def _stream(
     reader: CheckpointReader,
     out_dir: Path,
@@ -123,10 +133,11 @@ def _stream(
     remove: bool,
     max_shard_bytes: int,
     provenance: dict[str, Any],
+    overwrite: bool = False,
 ) -> list[str]:
     mismatched: list[str] = []
     expected_content = patch.metadata.base_fingerprint.get("content") or {}
-    with CheckpointWriter(out_dir, max_shard_bytes=max_shard_bytes) as writer:
+    with CheckpointWriter(out_dir, max_shard_bytes=max_shard_bytes, overwrite=overwrite) as writer:
         for name in reader.names():
             tensor = reader.get(name)
             tp = patch.tensors.get(name)
@@ -158,6 +169,7 @@ def apply_patches(
     policy: str = "disjoint-mean",
     weights: Sequence[float] | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    overwrite: bool = False,
 ) -> ApplyResult:
     """Write ``base + delta`` for every patched tensor into a new checkpoint folder.
 
@@ -170,17 +182,17 @@ def apply_patches(
         policy: combine policy for several patches (registry ``combine``).
         weights: per-patch scale (see ``combine_patches``).
         max_shard_bytes: shard size of the output.
+        overwrite: replace an existing ``out_dir`` (only once the new checkpoint is complete).
 
     Returns:
         An ``ApplyResult``.
 
     Raises:
         PatchFormatError: unreadable patch, or base fingerprint mismatch without ``force``.
-        CheckpointError: unreadable base, ``out_dir`` exists, or patch tensors missing / of another shape.
+        CheckpointError: unreadable base, ``out_dir`` exists (without ``overwrite``) or is the input, or patch
+            tensors missing / of another shape.
     """
-    out = Path(out_dir)
-    if out.exists():
-        raise CheckpointError(f"output {str(out)!r} already exists; choose a new folder or remove it")
+    out = _check_output(out_dir, base_dir, overwrite)
     loaded = _load(patch_paths)
     with CheckpointReader(base_dir) as reader:
         for path, patch in loaded:
@@ -195,7 +207,15 @@ def apply_patches(
                 logger.warning("applying %s despite a base mismatch (%s) because of --force", path, problems)
         patch, report = _merge(loaded, policy, weights, force)
         provenance = _provenance("apply", reader.path, loaded, policy, report)
-        _stream(reader, out, patch, remove=False, max_shard_bytes=max_shard_bytes, provenance=provenance)
+        _stream(
+            reader,
+            out,
+            patch,
+            remove=False,
+            max_shard_bytes=max_shard_bytes,
+            provenance=provenance,
+            overwrite=overwrite,
+        )
     logger.info("applied %d patch(es) to %s -> %s", len(loaded), base_dir, out)
     return ApplyResult(out, sorted(patch.tensors), report, provenance, [])
 
@@ -209,6 +229,7 @@ def remove_patches(
     policy: str = "disjoint-mean",
     weights: Sequence[float] | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    overwrite: bool = False,
 ) -> ApplyResult:
     """Restore the base from a patched checkpoint by subtracting the same (combined) deltas.
 
@@ -218,9 +239,7 @@ def remove_patches(
 
     Args and Raises: as ``apply_patches``; ``patched_dir`` is the patched checkpoint.
     """
-    out = Path(out_dir)
-    if out.exists():
-        raise CheckpointError(f"output {str(out)!r} already exists; choose a new folder or remove it")
+    out = _check_output(out_dir, patched_dir, overwrite)
     loaded = _load(patch_paths)
     with CheckpointReader(patched_dir) as reader:
         for path, patch in loaded:
@@ -233,7 +252,9 @@ def remove_patches(
                 )
         patch, report = _merge(loaded, policy, weights, force)
         provenance = _provenance("remove", reader.path, loaded, policy, report)
-        mismatched = _stream(reader, out, patch, remove=True, max_shard_bytes=max_shard_bytes, provenance=provenance)
+        mismatched = _stream(
+            reader, out, patch, remove=True, max_shard_bytes=max_shard_bytes, provenance=provenance, overwrite=overwrite
+        )
     if mismatched:
         logger.warning("%d restored tensor(s) differ from the base bytes (fp32 rounding?): %s",
                        len(mismatched),
