@@ -18,6 +18,7 @@ import time
 import torch
 
 from model_tailor.kernel.tailor import tailor_weight
+from model_tailor.options import COMPENSATIONS
 
 
 def build_inputs(size: int, tokens: int, device: torch.device, seed: int):
@@ -38,7 +39,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=8192, help="calibration tokens for the Hessian")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--compensation", default="obs", choices=["obs", "official", "none", "exact"])
+    parser.add_argument("--compensation", default="obs", choices=COMPENSATIONS)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     device = torch.device(args.device)
