@@ -50,3 +50,11 @@ def test_block_file_of_another_layout_is_recomputed(tmp_path):
     save_file(old, str(work.path / "model.layers.1.safetensors"), metadata={"layer": json.dumps({})})
     assert work.load_block("model.layers.1") is None
     assert work.load_block("model.layers.2") is None  # never written
+
+
+def test_tailored_indices_take_the_patch_files_index_dtype():
+    base = torch.zeros(2, 3, dtype=torch.bfloat16)
+    keep = torch.tensor([[True, False, False], [False, False, True]])
+    sv = SparseValues.from_dense(base, torch.ones(2, 3), keep)
+    assert sv.indices.dtype == torch.int32 and sv.indices.tolist() == [0, 5]
+    assert sv.values.dtype == torch.bfloat16 and sv.values.tolist() == [1.0, 1.0]

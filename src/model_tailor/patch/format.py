@@ -43,6 +43,8 @@ from torch import Tensor
 from model_tailor import __version__
 from model_tailor.errors import ConfigError, PatchFormatError
 from model_tailor.io.atomic import atomic_path
+from model_tailor.patch.layout import PARTS as PREFIXES
+from model_tailor.patch.layout import index_dtype as _index_dtype
 from model_tailor.patch.model import PatchMetadata, SparsePatch, TensorPatch, current_versions, index_problem, utc_now
 from model_tailor.patch.schema import CHECKS, SHA256_RE, VERSION_RE, MetadataError, parse_json
 
@@ -53,7 +55,6 @@ SUPPORTED_MAJOR_VERSIONS = (1, 2)
 JSON_KEYS = ("shapes", "base_dtypes", "base_fingerprint", "config", "versions", "stats", "reset_params")
 PAYLOAD_KEY = "payload_sha256"
 KNOWN_KEYS = frozenset(("format", "format_version", "created", PAYLOAD_KEY, *JSON_KEYS))
-PREFIXES = ("indices", "values", "lowrank_a", "lowrank_b")
 _ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int32: "I32",
               torch.int64: "I64"}  # fmt: skip
 _VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -61,10 +62,6 @@ _VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def _dumps(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
-
-
-def _index_dtype(numel: int) -> torch.dtype:
-    return torch.int64 if numel >= 2**31 else torch.int32
 
 
 def _raw_bytes(tensor: Tensor) -> memoryview:

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from model_tailor.errors import CheckpointError, NumericalError, PatchFormatError, ShapeMismatchError
+from model_tailor.patch.layout import index_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -303,7 +304,7 @@ class PatchSummary:
     Attributes:
         per_tensor / per_layer: name -> ``{"nnz", "numel", "density"}`` (plus ``"rank"`` if low-rank).
         nnz, numel, density: totals over all patched parameters.
-        patch_bytes: bytes of indices (int32, or int64 when numel >= 2**31) + fp32 values + low-rank factors.
+        patch_bytes: bytes of indices (``patch.layout.index_dtype``) + fp32 values + low-rank factors.
         dense_bytes: bytes of a dense delta in the base dtypes (fp32 where unknown).
     """
 
@@ -387,8 +388,7 @@ class SparsePatch:
         patch_bytes = dense_bytes = 0
         for name, tp in sorted(self.tensors.items()):
             entry: dict[str, Any] = {"nnz": tp.nnz, "numel": tp.numel, "density": tp.density}
-            index_size = 8 if tp.numel >= 2**31 else 4
-            patch_bytes += tp.nnz * (index_size + 4)
+            patch_bytes += tp.nnz * (index_dtype(tp.numel).itemsize + 4)
             if tp.lowrank is not None:
                 entry["rank"] = int(tp.lowrank[0].shape[1])
                 patch_bytes += 4 * (tp.lowrank[0].numel() + tp.lowrank[1].numel())

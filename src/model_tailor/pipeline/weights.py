@@ -20,6 +20,7 @@ from torch import nn
 
 from model_tailor.errors import CheckpointError
 from model_tailor.io.checkpoint import trim_heap
+from model_tailor.patch.layout import index_dtype
 from model_tailor.pipeline.targets import TargetPlan
 
 logger = logging.getLogger(__name__)
@@ -31,17 +32,21 @@ __all__ = ["Materializer", "SparseValues", "WeightSource"]
 class SparseValues:
     """A tailored tensor as ``base`` with ``values`` (base dtype) written at flat ``indices`` (the keep
     mask), plus optional fp32 low-rank factors ``(A, B)`` in checkpoint layout (docs/METHOD.md §15).
+
+    Not a :class:`~model_tailor.patch.model.TensorPatch`, on purpose: a run holds every tailored tensor
+    until its outputs are written, and this form is the compact one (a bf16 entry takes 2 + 4 bytes here,
+    an fp32 delta with an int64 index 12), holding the kernel's tailored values themselves rather than
+    their difference to base. The patch's fp32 deltas are made from it once, when the patch is built.
     """
 
-    indices: torch.Tensor  # int32 (int64 when numel >= 2**31) (k,), sorted
+    indices: torch.Tensor  # (k,), sorted, patch.layout.index_dtype(numel)
     values: torch.Tensor  # (k,), base dtype
     lowrank: tuple[torch.Tensor, torch.Tensor] | None = None  # (A (rows, r), B (r, cols)), fp32, CPU
 
     @classmethod
     def from_dense(cls, base: torch.Tensor, tailored: torch.Tensor, keep_mask: torch.Tensor) -> SparseValues:
         idx = torch.nonzero(keep_mask.reshape(-1), as_tuple=False).reshape(-1).cpu()
-        if keep_mask.numel() < 2**31:  # halves the resident patch of a long run
-            idx = idx.to(torch.int32)
+        idx = idx.to(index_dtype(keep_mask.numel()))  # int32 halves the resident patch of a long run
         return cls(idx, tailored.reshape(-1).to("cpu", base.dtype)[idx].clone())
 
     def apply_sparse(self, base: torch.Tensor) -> torch.Tensor:
