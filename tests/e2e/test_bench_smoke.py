@@ -104,6 +104,31 @@ def test_bench_smoke(tmp_path, monkeypatch):
     note = "bit-identical weights, evaluated once: ties@0.01 = magnitude@0.01"
     assert any(n.startswith(note) for n in dedup.meta["notes"])
 
+    # The post-hoc baselines run as rows (one density, one k keep this at a few evaluations); the tiny LM has 4
+    # layers, 2 and 3 tuned: revert_first_k with k = 2 is the projector-only fine-tune, and the rows compare
+    # with model_tailor@0.1, cached from the first run
+    from model_tailor.bench import methods
+
+    monkeypatch.setattr(methods, "DENSITIES", (0.1,))
+    monkeypatch.setattr(methods, "REVERT_K", (2,))
+    posthoc = run_bench(
+        BenchConfig(
+            quick=False,
+            cache_dir=cfg.cache_dir,
+            engine=cfg.engine,
+            build=cfg.build,
+            eval=cfg.eval,
+            only=("fapm", "svd", "lines", "revert_first_k", "model_tailor"),
+            resamples=500,
+        )
+    )
+    got = {(r.method, r.density): r for r in posthoc.rows}
+    assert {("fapm", 0.1), ("svd", 0.1), ("lines", None), ("revert_first_k", None)} <= set(got)
+    assert got[("model_tailor", 0.1)].cached and posthoc.meta["bootstrap"]["resamples"] == 500
+    for key in (("fapm", 0.1), ("svd", 0.1)):
+        assert got[key].vs_tailor["reference"] == "model_tailor@0.1"
+    assert got[("lines", None)].vs_tailor is None  # dense: no model_tailor row at its density
+
     # mergekit peer rows (full variant, --methods 'mergekit*') on the same cached models, when installed.
     from model_tailor.bench import methods, peers
 

@@ -119,3 +119,33 @@ def test_every_engine_gets_each_ablation_own_options():
     for spec in M.method_specs(False, "inmemory"):
         if spec.params.get("engine") == "inmemory":
             sig.bind(None, {}, {}, density=spec.density, **M.tailor_fields(spec, inputs))
+
+
+def test_all_layers_pair_shares_the_pretrained_model_and_tunes_every_layer():
+    from model_tailor.bench.models import BuildConfig
+
+    default = BuildConfig()
+    assert default.tuned_layers(30) == tuple(range(18, 30))
+    every = default.all_layers()
+    assert every.tuned_layers(30) == tuple(range(30)) and every.tuned_layers(4) == (0, 1, 2, 3)
+    assert every.stage1_key() == default.stage1_key() and every.key() != default.key()
+    assert BuildConfig(tune_last=50).tuned_layers(4) == (0, 1, 2, 3)
+
+
+def test_new_post_hoc_baseline_rows_in_the_full_variant_only():
+    full = M.method_specs(False, "pipeline")
+    got = {(s.method, s.density) for s in full if s.method in ("fapm", "svd")}
+    assert got == {(m, d) for m in ("fapm", "svd") for d in M.DENSITIES}
+    assert [s.params for s in full if s.method == "lines"] == [{"alpha": 0.0, "beta": 1.0}]
+    assert [s.params["k"] for s in full if s.method == "revert_first_k"] == list(M.REVERT_K)
+    assert not {s.method for s in M.method_specs(True, "pipeline")} & {"fapm", "svd", "lines", "revert_first_k"}
+    assert len({s.key() for s in full}) == len(full)
+
+
+def test_cli_rejects_zero_resamples(tmp_path, capsys):
+    from model_tailor.cli import main
+
+    assert main(["bench", "--resamples", "0", "--out", str(tmp_path / "out")]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--resamples" in err[0]
+    assert not (tmp_path / "out").exists()

@@ -16,7 +16,7 @@ import logging
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -57,7 +57,7 @@ class BuildConfig:
     vision_heads: int = 3
     image_size: int = 64
     patch_size: int = 16
-    tune_last: int = 12  # decoder layers 18-29 of SmolLM2's 30
+    tune_last: int = 12  # decoder layers 18-29 of SmolLM2's 30; 0 = every layer (``all_layers``)
     vision_steps: int = 300
     vision_batch: int = 32
     vision_lr: float = 1e-3
@@ -70,6 +70,16 @@ class BuildConfig:
     ft_projector_lr: float = 2e-4
     calibration_samples: int = 128
     seed: int = 0
+
+    def tuned_layers(self, num_layers: int) -> tuple[int, ...]:
+        """Indices of the decoder layers the fine-tune trains: the last ``tune_last``, or all when it is 0."""
+        n = num_layers if self.tune_last == 0 else min(self.tune_last, num_layers)
+        return tuple(range(num_layers - n, num_layers))
+
+    def all_layers(self) -> BuildConfig:
+        """The second fine-tuned pair: every decoder layer and the projector tuned, all else unchanged (the
+        pre-trained model is shared: ``stage1_key`` ignores the fine-tune fields)."""
+        return replace(self, tune_last=0)
 
     @property
     def image_tokens(self) -> int:
@@ -313,6 +323,42 @@ def load_model(path: Path, device: str = "cpu") -> tuple[torch.nn.Module, object
     return model, processor
 
 
+def _build_stage1(cfg: BuildConfig, pre_dir: Path, labels: list, device: str) -> float:
+    """Stage 1 (vision tower, then projector alignment with the LM frozen); saves the pre-trained model."""
+    t0 = time.perf_counter()
+    model, processor = build_llava(cfg)
+    model.to(device)
+    pixels = PixelCache(processor.image_processor)
+    acc = train_vision_tower(model, labels, pixels, cfg, device)
+    params = [{"params": _set_trainable(model, ("model.multi_modal_projector.",)), "lr": cfg.align_lr}]
+    examples = caption_examples(labels)
+    args = (cfg.align_steps, cfg.align_batch, cfg, processor, pixels, device, "stage 1b: projector alignment")
+    loss = _train(model, params, examples, *args)
+    seconds = time.perf_counter() - t0
+    meta = {"build": asdict(cfg), "stage": "pretrained", "vision_acc": acc, "align_loss": loss, "seconds": seconds}
+    _save(model, processor, pre_dir, meta)
+    return seconds
+
+
+def _build_finetune(cfg: BuildConfig, pre_dir: Path, ft_dir: Path, train_items: list, device: str) -> float:
+    """The fine-tune: the tuned layers (``BuildConfig.tuned_layers``) and the projector on easy-VQA."""
+    t0 = time.perf_counter()
+    model, processor = load_model(pre_dir, device)
+    tuned = cfg.tuned_layers(model.config.text_config.num_hidden_layers)
+    layer_params = _set_trainable(model, tuple(f"model.language_model.layers.{i}." for i in tuned))
+    proj_params = [p for n, p in model.named_parameters() if n.startswith("model.multi_modal_projector.")]
+    for p in proj_params:
+        p.requires_grad_(True)
+    groups = [{"params": layer_params, "lr": cfg.ft_lr}, {"params": proj_params, "lr": cfg.ft_projector_lr}]
+    examples = vqa_examples(sample(train_items, cfg.ft_steps * cfg.ft_batch * 4, cfg.seed + 3))
+    pixels = PixelCache(processor.image_processor)
+    args = (cfg.ft_steps, cfg.ft_batch, cfg, processor, pixels, device, "fine-tune: easy-VQA")
+    loss = _train(model, groups, examples, *args)
+    seconds = time.perf_counter() - t0
+    _save(model, processor, ft_dir, {"build": asdict(cfg), "stage": "finetuned", "ft_loss": loss, "seconds": seconds})
+    return seconds
+
+
 def build_models(cfg: BuildConfig, cache_root: Path, device: str = "cpu") -> BuiltModels:
     """Build (or reuse) pre-trained and fine-tuned mini-LLaVAs and the calibration set under the cache."""
     stage1_root = cache_root / "tailorbench" / f"stage1-{cfg.stage1_key()}"
@@ -322,79 +368,15 @@ def build_models(cfg: BuildConfig, cache_root: Path, device: str = "cpu") -> Bui
     pre_dir, ft_dir, calib_dir = stage1_root / "pretrained", root / "finetuned", root / "calibration"
     seconds = {}
     train_items = assets.load_vqa("train")
-    labels = assets.image_labels(train_items)
-    n_layers = None
     if not (pre_dir / "config.json").exists():
-        t0 = time.perf_counter()
-        model, processor = build_llava(cfg)
-        model.to(device)
-        pixels = PixelCache(processor.image_processor)
-        acc = train_vision_tower(model, labels, pixels, cfg, device)
-        params = _set_trainable(model, ("model.multi_modal_projector.",))
-        loss = _train(
-            model,
-            [{"params": params, "lr": cfg.align_lr}],
-            caption_examples(labels),
-            cfg.align_steps,
-            cfg.align_batch,
-            cfg,
-            processor,
-            pixels,
-            device,
-            "stage 1b: projector alignment",
-        )
-        seconds["stage1"] = time.perf_counter() - t0
-        _save(
-            model,
-            processor,
-            pre_dir,
-            {
-                "build": asdict(cfg),
-                "stage": "pretrained",
-                "vision_acc": acc,
-                "align_loss": loss,
-                "seconds": seconds["stage1"],
-            },
-        )
-        del model
+        seconds["stage1"] = _build_stage1(cfg, pre_dir, assets.image_labels(train_items), device)
     if not (ft_dir / "config.json").exists():
-        t0 = time.perf_counter()
-        model, processor = load_model(pre_dir, device)
-        n_layers = model.config.text_config.num_hidden_layers
-        layers = tuple(f"model.language_model.layers.{i}." for i in range(n_layers - cfg.tune_last, n_layers))
-        layer_params = _set_trainable(model, layers)
-        proj_params = [p for n, p in model.named_parameters() if n.startswith("model.multi_modal_projector.")]
-        for p in proj_params:
-            p.requires_grad_(True)
-        groups = [{"params": layer_params, "lr": cfg.ft_lr}, {"params": proj_params, "lr": cfg.ft_projector_lr}]
-        examples = vqa_examples(sample(train_items, cfg.ft_steps * cfg.ft_batch * 4, cfg.seed + 3))
-        loss = _train(
-            model,
-            groups,
-            examples,
-            cfg.ft_steps,
-            cfg.ft_batch,
-            cfg,
-            processor,
-            PixelCache(processor.image_processor),
-            device,
-            "fine-tune: easy-VQA",
-        )
-        seconds["finetune"] = time.perf_counter() - t0
-        _save(
-            model,
-            processor,
-            ft_dir,
-            {"build": asdict(cfg), "stage": "finetuned", "ft_loss": loss, "seconds": seconds["finetune"]},
-        )
-        del model
+        seconds["finetune"] = _build_finetune(cfg, pre_dir, ft_dir, train_items, device)
     if not (calib_dir / "calibration.jsonl").exists():
         # Calibration comes from the TRAIN split, disjoint from the fine-tuning draw's seed stream.
         write_calibration(sample(train_items, cfg.calibration_samples, cfg.seed + 4), calib_dir)
-    if n_layers is None:
-        n_layers = json.loads((pre_dir / "config.json").read_text())["text_config"]["num_hidden_layers"]
+    n_layers = json.loads((pre_dir / "config.json").read_text())["text_config"]["num_hidden_layers"]
     for key, folder in (("stage1", pre_dir), ("finetune", ft_dir)):  # cached runs report the build times
         if key not in seconds and (folder / "tailorbench.json").exists():
             seconds[key] = json.loads((folder / "tailorbench.json").read_text()).get("seconds", 0.0)
-    tuned = tuple(range(n_layers - cfg.tune_last, n_layers))
-    return BuiltModels(root, pre_dir, ft_dir, calib_dir / "calibration.jsonl", tuned, seconds)
+    return BuiltModels(root, pre_dir, ft_dir, calib_dir / "calibration.jsonl", cfg.tuned_layers(n_layers), seconds)

@@ -135,6 +135,43 @@ def _forget_loaders(root: Path) -> None:
         cache.loaders.pop(ref).flush()
 
 
+def _run_mergekit(method: str, tmp: Path, model_params: dict, global_params: dict, seed: int) -> None:
+    """mergekit's ``run_merge`` of ``tmp/finetuned`` into ``tmp/base`` -> ``tmp/merged`` (CPU, fp32, no tokenizer
+    copy nor model card), the caller's RNG states (torch, ``random``, NumPy) saved and restored around it."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    config = MergeConfiguration.model_validate(
+        {
+            "merge_method": method,
+            "base_model": str(tmp / "base"),
+            "models": [{"model": str(tmp / "finetuned"), "parameters": model_params}],
+            "parameters": global_params,
+            "dtype": "float32",
+        }
+    )
+    options = MergeOptions(
+        device="cpu",
+        cuda=False,
+        copy_tokenizer=False,
+        write_model_card=False,
+        random_seed=seed,
+        quiet=True,
+        lazy_unpickle=False,
+        low_cpu_memory=False,
+        trust_remote_code=False,
+        safe_serialization=True,
+    )
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            run_merge(config, str(tmp / "merged"), options)
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        _forget_loaders(tmp)
+
+
 def merge_pair(
     base: Path,
     finetuned: Path,
@@ -162,9 +199,6 @@ def merge_pair(
     """
     if not is_available():
         raise ConfigError(f"mergekit is not installed; {INSTALL_HINT}")
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import MergeOptions, run_merge
-
     from model_tailor.io.checkpoint import CheckpointReader
 
     model_params, global_params = merge_parameters(method, density=density, weight=weight, lam=lam)
@@ -176,35 +210,7 @@ def merge_pair(
         _stage(Path(base), tmp / "base", names, to_ckpt)
         _stage(Path(finetuned), tmp / "finetuned", names, to_ckpt)
         t_staged = time.perf_counter()
-        config = MergeConfiguration.model_validate(
-            {
-                "merge_method": method,
-                "base_model": str(tmp / "base"),
-                "models": [{"model": str(tmp / "finetuned"), "parameters": model_params}],
-                "parameters": global_params,
-                "dtype": "float32",
-            }
-        )
-        options = MergeOptions(
-            device="cpu",
-            cuda=False,
-            copy_tokenizer=False,
-            write_model_card=False,
-            random_seed=seed,
-            quiet=True,
-            lazy_unpickle=False,
-            low_cpu_memory=False,
-            trust_remote_code=False,
-            safe_serialization=True,
-        )
-        py_state, np_state = random.getstate(), np.random.get_state()
-        try:
-            with torch.random.fork_rng(devices=[]):
-                run_merge(config, str(tmp / "merged"), options)
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
-            _forget_loaders(tmp)
+        _run_mergekit(method, tmp, model_params, global_params, seed)
         t_merged = time.perf_counter()
         with CheckpointReader(tmp / "merged") as reader:
             written = set(reader.names())
