@@ -86,7 +86,8 @@ def preserve_spec(
 def preserve_specs(quick: bool, engine: str, extended: bool = False) -> list[MethodSpec]:
     """Quick: two rows (user data, sparse 0.10 and dense; ``self`` costs ~60 s more of generation, so it is in
     the full variant only). Full: the frontier (sparse 0.05/0.10/0.20/dense, ``lowrank`` 0.05/0.10,
-    ``sparse+lowrank`` 0.10, ``self`` 0.10), which keeps the full variant within an hour on 2 CPU cores.
+    ``sparse+lowrank`` 0.10, ``self`` 0.10), sized when the full variant ran within an hour on 2 CPU cores
+    (before its test sets grew to 2,006 items).
     ``extended`` adds the ablations measured once to choose the defaults: sparse 0.01, the lambda grid
     {0.3, 3} around the default 1, ``sparse+lowrank`` 0.05, ``self`` dense, ``salience_from="target"``."""
     if engine != "pipeline":
