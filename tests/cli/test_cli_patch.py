@@ -6,6 +6,7 @@ Every error path gives a non-zero exit code, exactly one stderr line, and nothin
 from __future__ import annotations
 
 import json
+import struct
 
 import pytest
 import torch
@@ -167,3 +168,85 @@ def test_list_shows_combine_policies(capsys):
     assert "disjoint-mean" in out and "https://arxiv.org/abs/2306.01708" in out
     assert main(["list", "--json"]) == 0
     assert "ties" in {e["name"] for e in json.loads(capsys.readouterr().out)["combine policy"]}
+
+
+def _rewrite_metadata(src, dst, **fields):
+    """Copy a patch file with metadata strings replaced (header re-serialised, offsets untouched)."""
+    raw = src.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    header["__metadata__"].update(fields)
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    dst.write_bytes(struct.pack("<Q", len(encoded)) + encoded + raw[8 + n :])
+    return dst
+
+
+def test_corrupt_patch_values_are_refused(env, capsys):
+    tmp, p1, _ = env
+    raw = bytearray(p1.read_bytes())
+    raw[-2] ^= 0x10  # a value byte
+    bad = tmp / "bad.safetensors"
+    bad.write_bytes(bytes(raw))
+    out = tmp / "out"
+    argv = ["apply", "--base", str(tmp / "base"), "--patch", str(bad), "--out", str(out)]
+    assert "payload checksum" in _fails(capsys, argv, out)
+    assert "payload checksum" in _fails(capsys, ["inspect", str(bad)], bad)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("format_version", "²"),
+        ("base_fingerprint", "[1]"),
+        ("base_dtypes", "[]"),
+        ("versions", '"2.13"'),
+        ("reset_params", "7"),
+    ],
+)
+def test_hostile_metadata_is_one_line_not_a_traceback(env, capsys, field, value):
+    tmp, p1, _ = env
+    bad = _rewrite_metadata(p1, tmp / "bad.safetensors", **{field: value})
+    assert field in _fails(capsys, ["inspect", str(bad)], bad)
+    assert field in _fails(capsys, ["inspect", str(bad), "--json"], bad)
+    out = tmp / "out"
+    assert field in _fails(capsys, ["apply", "--base", str(tmp / "base"), "--patch", str(bad), "--out", str(out)], out)
+
+
+def test_apply_refuses_a_result_that_overflows(env, capsys):
+    tmp, _, _ = env
+    folder = tmp / "half"
+    folder.mkdir()
+    base = {NAME: torch.ones(4, 3, dtype=torch.float16)}
+    save_file(base, str(folder / "model.safetensors"))
+    patch = _patch(base, 1, tmp / "half.safetensors")
+    out = tmp / "out"
+    argv = ["apply", "--base", str(folder), "--patch", str(patch), "--out", str(out)]
+    assert "NaN/Inf" in _fails(capsys, [*argv, "--weights", "1e38"], out)
+    assert main(argv) == 0 and out.is_dir()
+
+
+def test_remove_refuses_a_model_the_patch_was_never_applied_to(env, capsys):
+    tmp, p1, p2 = env
+    out = tmp / "back"
+    argv = ["remove", "--model", str(tmp / "base"), "--patch", str(p1), "--out", str(out)]
+    assert "not applied" in _fails(capsys, argv, out)
+    applied = tmp / "applied"
+    assert main(["apply", "--base", str(tmp / "base"), "--patch", str(p2), "--out", str(applied)]) == 0
+    argv = ["remove", "--model", str(applied), "--patch", str(p1), "--out", str(out)]
+    assert "other patch files" in _fails(capsys, argv, out)
+    assert main([*argv, "--force"]) == 0 and out.is_dir()
+
+
+def test_apply_refuses_a_combination_forced_across_bases(env, capsys):
+    tmp, p1, _ = env
+    p3 = _patch(_checkpoint(tmp / "third", 5), 3, tmp / "p3.safetensors")
+    combined = tmp / "c.safetensors"
+    assert main(["combine", "--patch", str(p1), str(p3), "--out", str(combined), "--force"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(combined)]) == 0
+    assert "combined with --force across bases" in capsys.readouterr().out
+    out = tmp / "out"
+    argv = ["apply", "--base", str(tmp / "base"), "--patch", str(combined), "--out", str(out)]
+    assert "combined with --force" in _fails(capsys, argv, out)
+    assert main([*argv, "--force"]) == 0 and out.is_dir()

@@ -45,6 +45,9 @@ def run(args: argparse.Namespace) -> int:
     print("versions: " + (", ".join(f"{k} {v}" for k, v in sorted(meta.versions.items())) or "?"))
     structure = str(meta.base_fingerprint.get("structure", "none"))[:16]
     print(f"base fingerprint: {structure} ({len(meta.base_fingerprint.get('content') or {})} content hashes)")
+    forced = meta.base_fingerprint.get("forced_across_bases") or []
+    if forced:
+        print(f"combined with --force across bases ({'; '.join(forced[:3])}): apply refuses it without --force")
     if meta.config:
         print(f"config: {json.dumps(meta.config, sort_keys=True, default=str)}")
     if meta.reset_params:

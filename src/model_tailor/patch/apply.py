@@ -3,8 +3,10 @@
 
 ``apply_patches`` reads the base lazily, adds the (combined, when several) patch deltas in fp32, casts back to
 the base dtype and writes an atomic sharded checkpoint with the config/tokenizer/processor files copied along
-and a ``model_tailor.json`` provenance file. ``remove_patches`` subtracts the same deltas to restore the base:
-bit-exact for bf16/fp16 in practice, within an ulp for fp32.
+and a ``model_tailor.json`` provenance file; a result holding NaN/Inf is refused before the rename.
+``remove_patches`` subtracts the same deltas to restore the base, after checking the patch is applied to the
+model (``applied.py``): bit-exact for one bf16/fp16 patch; in fp32 each patched entry comes back within one ulp
+of the larger of its base and patched values.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 from model_tailor.errors import CheckpointError, PatchFormatError
 from model_tailor.io.checkpoint import CheckpointReader, CheckpointWriter
 from model_tailor.options import DEFAULT_MAX_SHARD_BYTES
+from model_tailor.patch.applied import check_applied
 from model_tailor.patch.combine import COMBINE, CombineReport, combine_patches
 from model_tailor.patch.fingerprint import compare_fingerprint, structure_hash, tensor_hash
 from model_tailor.patch.format import load_patch
@@ -234,8 +237,10 @@ def remove_patches(
     """Restore the base from a patched checkpoint by subtracting the same (combined) deltas.
 
     Pass the same patches, policy and weights as to ``apply_patches``. Names, shapes and dtypes are checked
-    against the patch's base fingerprint (content differs by construction); restored tensors are compared with
-    the base content hashes in the patch, and those that differ (fp32 rounding) are listed in ``mismatched``.
+    against the patch's base fingerprint; unless ``force``, a model whose changed tensors still hold the base's
+    bytes, or whose ``model_tailor.json`` records other patches, policy or weights, is refused
+    (``PatchFormatError``). Restored tensors are compared with the base content hashes in the patch, and those
+    that differ (fp32 rounding) are listed in ``mismatched``.
 
     Args and Raises: as ``apply_patches``; ``patched_dir`` is the patched checkpoint.
     """
@@ -250,6 +255,9 @@ def remove_patches(
                     f"patch {str(path)!r} was made for a model with other tensor names/shapes/dtypes than "
                     f"{str(reader.path)!r}; use the matching model, or pass --force"
                 )
+        if not force:
+            digests = [file_sha256(path) for path, _ in loaded]
+            check_applied(reader, loaded, digests, policy=policy, weights=weights, provenance_name=PROVENANCE_NAME)
         patch, report = _merge(loaded, policy, weights, force)
         provenance = _provenance("remove", reader.path, loaded, policy, report)
         mismatched = _stream(

@@ -199,9 +199,15 @@ def _combine_lowrank(
 
 
 def _check_same_base(patches: Sequence[SparsePatch], force: bool) -> dict[str, Any]:
-    """Return the merged base fingerprint; raise unless all patches name the same base (or ``force``)."""
+    """Return the merged base fingerprint; raise unless all patches name the same base (or ``force``).
+
+    A forced combination matches no single base, yet its merged fingerprint would pass ``apply``'s check on
+    one of them: the differences are recorded under ``forced_across_bases`` (kept by later combinations) and
+    ``apply`` refuses such a patch without ``--force``.
+    """
     first = patches[0].metadata.base_fingerprint
     merged = {**first, "content": dict(first.get("content") or {})}
+    forced = [f for p in patches for f in p.metadata.base_fingerprint.get("forced_across_bases") or []]
     for i, patch in enumerate(patches[1:], start=1):
         other = patch.metadata.base_fingerprint
         problems = []
@@ -218,6 +224,9 @@ def _check_same_base(patches: Sequence[SparsePatch], force: bool) -> dict[str, A
             )
         if problems:
             logger.warning("combining patches of different bases (patch %d: %s) because of --force", i, problems)
+            forced.append(f"patch {i}: {', '.join(problems[:3])} differ from patch 0")
+    if forced:
+        merged["forced_across_bases"] = list(dict.fromkeys(forced))
     return merged
 
 

@@ -98,13 +98,17 @@ def compare_fingerprint(expected: Mapping[str, Any], source: Source) -> list[str
         source: the checkpoint reader or state dict to check.
 
     Returns:
-        One human-readable line per difference: structure (names/shapes/dtypes), missing tensors, content.
+        One human-readable line per difference: a combination forced across bases (it matches no single
+        base), structure (names/shapes/dtypes), missing tensors, content.
     """
     if not expected:
         return ["the patch records no base fingerprint"]
     if expected.get("algorithm", ALGORITHM) != ALGORITHM:
         return [f"unknown fingerprint algorithm {expected.get('algorithm')!r}"]
     problems: list[str] = []
+    forced = expected.get("forced_across_bases") or []
+    if forced:
+        problems.append(f"it was combined with --force from patches of different bases ({'; '.join(forced[:2])})")
     structure = _structure(source)
     if expected.get("structure") != structure_hash(source):
         n_expected = expected.get("num_tensors", "?")

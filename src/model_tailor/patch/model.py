@@ -224,9 +224,17 @@ class TensorPatch:
         # Only the indexed entries change, so untouched entries (including -0.0) survive bit for bit.
         flat = out.view(-1)
         flat[self.indices] += sign * self.values
-        if not torch.isfinite(flat[self.indices]).all():
-            raise NumericalError(f"patched {self.name!r} holds NaN or Inf", layer=self.name)
-        return out.to(out_dtype)
+        # Checked after the cast: a delta can fit fp32 and still overflow a bf16/fp16 checkpoint.
+        result = out.to(out_dtype)
+        changed = result if self.lowrank is not None else result.view(-1)[self.indices]
+        if not torch.isfinite(changed).all():
+            bad = int((~torch.isfinite(changed)).sum())
+            raise NumericalError(
+                f"patched {self.name!r} would hold {bad} NaN/Inf value(s) in {dtype_name(out_dtype)}: the delta "
+                "overflows it; lower --weights or re-create the patch",
+                layer=self.name,
+            )
+        return result
 
     def apply(self, base_tensor: Tensor) -> Tensor:
         """``base + delta`` computed in fp32 and cast to the base dtype (a new tensor, on CPU)."""
@@ -235,8 +243,9 @@ class TensorPatch:
     def remove(self, patched_tensor: Tensor, base_dtype: torch.dtype | None = None) -> Tensor:
         """``patched - delta`` in fp32, cast to ``base_dtype`` (default: the patched tensor's dtype).
 
-        Exact for bf16/fp16 when the patch values are exact differences (see ``from_weights``); fp32
-        checkpoints come back within an ulp.
+        Exact for bf16/fp16 when the patch values are exact differences (see ``from_weights``). In fp32, an
+        entry comes back within one ulp of the larger of its base and patched values (both roundings are
+        bounded by that ulp), which exceeds one ulp of the base where the delta dwarfs the weight.
         """
         return self._shifted(patched_tensor, -1.0, base_dtype or patched_tensor.dtype)
 

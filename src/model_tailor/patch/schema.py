@@ -25,10 +25,18 @@ def _no_constants(token: str) -> Any:
     raise MetadataError(f"holds the non-JSON constant {token}")
 
 
+def _finite(token: str) -> float:
+    value = float(token)
+    if value in (float("inf"), float("-inf")):
+        raise MetadataError(f"holds the number {token[:20]}, which overflows a float")
+    return value
+
+
 def parse_json(text: str) -> Any:
-    """Strict JSON: no NaN/Infinity; deep nesting is an error, not a ``RecursionError``."""
+    """Strict JSON: no NaN/Infinity, no overflowing numbers (they could never be written back); deep nesting is
+    an error, not a ``RecursionError``."""
     try:
-        return json.loads(text, parse_constant=_no_constants)
+        return json.loads(text, parse_constant=_no_constants, parse_float=_finite)
     except RecursionError:
         raise MetadataError("is nested too deeply") from None
     except MetadataError:

@@ -30,6 +30,26 @@ logger = logging.getLogger(__name__)
 __all__ = ["build_patch", "calibration_info", "save_model", "write_outputs"]
 
 
+def patch_entry(source: WeightSource, name: str) -> TensorPatch | None:
+    """The patch entry of ``name`` (``None`` when the patch leaves it at base).
+
+    The saved model writes ``entry.apply(base)``, not the tailored value itself: in fp32, ``base + (v - base)``
+    can differ from ``v`` by an ulp, so one construction for both outputs is what makes ``apply(base, patch)``
+    equal the saved model bit for bit.
+    """
+    if name in source.tailored:
+        sv = source.tailored[name]
+        base = source.base.get(name)
+        tp = TensorPatch.from_weights(name, base, sv.apply_sparse(base), sv.keep_mask(tuple(base.shape)))
+        if sv.lowrank is not None:  # structure lowrank / sparse+lowrank: format v2 on save
+            tp = TensorPatch(name, tp.shape, tp.indices, tp.values, sv.lowrank)
+        return tp
+    if source.actions.get(name) == "keep":
+        base = source.base.get(name)
+        return TensorPatch.from_weights(name, base, source.finetuned.get(name).to(base.dtype))
+    return None
+
+
 def build_patch(
     source: WeightSource, plan: TargetPlan, *, config: dict[str, Any], stats: dict[str, Any]
 ) -> SparsePatch:
@@ -38,20 +58,12 @@ def build_patch(
     Consumes ``source.tailored`` (each entry is freed once its patch exists): write the model first.
     """
     tensors: dict[str, TensorPatch] = {}
-    for name in sorted(source.tailored):
-        sv = source.tailored.pop(name)
-        base = source.base.get(name)
-        tp = TensorPatch.from_weights(name, base, sv.apply_sparse(base), sv.keep_mask(tuple(base.shape)))
-        if sv.lowrank is not None:  # structure lowrank / sparse+lowrank: format v2 on save
-            tp = TensorPatch(name, tp.shape, tp.indices, tp.values, sv.lowrank)
-        tensors[name] = tp
-    for nt in plan.non_targets:
-        if nt.action == "keep":
-            tensors[nt.name] = TensorPatch.from_weights(
-                nt.name,
-                source.base.get(nt.name),
-                source.finetuned.get(nt.name).to(source.base.dtype(nt.name)),
-            )
+    names = sorted(source.tailored) + [nt.name for nt in plan.non_targets if nt.action == "keep"]
+    for name in names:
+        entry = patch_entry(source, name)
+        if entry is not None:
+            tensors[name] = entry
+        source.tailored.pop(name, None)
     reset = {nt.name: nt.reason for nt in plan.non_targets if nt.action == "reset"}
     metadata = PatchMetadata(
         base_dtypes={n: dtype_name(source.base.dtype(n)) for n in tensors},
@@ -69,7 +81,9 @@ def save_model(source: WeightSource, out_dir: Path, *, max_shard_bytes: int, ove
     """Write the tailored model (atomic folder, shard by shard) with the fine-tuned folder's side files."""
     with CheckpointWriter(out_dir, max_shard_bytes=max_shard_bytes, overwrite=overwrite) as writer:
         for name in source.finetuned.names():
-            writer.add(name, source.get(name).to(source.base.dtype(name)))
+            tensor = source.get(name).to(source.base.dtype(name))  # also tailors data-free entries
+            entry = patch_entry(source, name)
+            writer.add(name, entry.apply(source.base.get(name)) if entry is not None else tensor)
         writer.copy_files(source.finetuned.extra_files())
         return writer.commit()
 
