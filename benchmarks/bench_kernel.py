@@ -1,4 +1,4 @@
-"""Time ``tailor_weight`` on one square fp32 layer with default options (METHOD.md §8-§9 cost model).
+"""Time ``tailor_weight`` on one square fp32 layer with default options (cost model: docs/METHOD.md §8-§9).
 
 A script, not a test. Builds a random SPD Hessian from random tokens with mixed feature scales, a base weight
 and a low-rank-plus-noise delta, then reports the median of ``--runs`` calls and the per-phase split recorded

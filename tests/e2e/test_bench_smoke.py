@@ -32,7 +32,7 @@ def test_bench_smoke(tmp_path, monkeypatch):
     assert data["benchmark"] == "tailorbench" and data["version"] == 2 and data["quick"] is True
     methods = {r["method"] for r in data["rows"]}
     assert {"pretrained", "finetuned", "model_tailor"} <= methods
-    if cfg.engine == "pipeline":  # preserve-aware rows (Issue 5) on the bench-written user data, sparse and dense
+    if cfg.engine == "pipeline":  # preserve-aware rows on the bench-written user data, sparse and dense
         preserve = [r for r in data["rows"] if r["method"] == "model_tailor_preserve"]
         assert {(r["params"]["preserve"], r["density"]) for r in preserve} == {("user", 0.1), ("user", 1.0)}
         assert all({"structure", "preserve", "lambda"} <= set(r["params"]) for r in preserve)

@@ -1,4 +1,4 @@
-"""Preserve-aware tailoring end to end (Issue 5, PILOT.md): the dual objective, ``--preserve self`` and low-rank
+"""Preserve-aware tailoring end to end (docs/METHOD.md §14): the dual objective, ``--preserve self`` and low-rank
 structures on the pico Llama and LLaVA fixtures."""
 
 from __future__ import annotations
@@ -169,7 +169,7 @@ def test_dense_preserve_equals_closed_form(pico, preserve_file):
     W_ft = CheckpointReader(pair.finetuned).get(name).double()
     H_t, H_o = _q_proj_hessian(pair, pair.calibration), _q_proj_hessian(pair, preserve_file)
     H_t, H_o = H_t / (H_t.trace() / 32), H_o / (H_o.trace() / 32)
-    expected = W_pre + (W_ft - W_pre) @ H_t @ torch.linalg.inv(H_t + lam * H_o)  # PILOT.md closed form
+    expected = W_pre + (W_ft - W_pre) @ H_t @ torch.linalg.inv(H_t + lam * H_o)  # the closed form of docs/METHOD.md §14
     got = res.patch.tensors[name].apply(W_pre.float()).double()
     torch.testing.assert_close(got, expected, rtol=0, atol=2e-4)
     assert not torch.allclose(got, W_ft, atol=1e-3)  # the preserve term moved it away from the fine-tuned weight

@@ -1,4 +1,4 @@
-"""Hypothesis properties of masks, the sweep and the kernel (STYLE.md §10; shapes <= 16 x 16)."""
+"""Hypothesis properties of masks, the sweep and the kernel (shapes <= 16 x 16)."""
 
 from __future__ import annotations
 

@@ -28,12 +28,25 @@ def test_read_records_kinds_and_image_paths(tmp_path):
             json.dumps({"messages": [{"role": "user", "content": "hi"}], "image": "/abs/y.png"}),
         ],
     )
-    recs = read_records(p)
+    recs = read_records(p, allow_outside_paths=True)  # line 4's absolute path is outside the folder
     assert [r.line for r in recs] == [1, 3, 4]
     assert recs[0].text == "a cat" and recs[0].messages == ()
     assert recs[1].messages == ({"role": "user", "content": "q ?"}, {"role": "assistant", "content": "a ."})
     assert recs[1].image == tmp_path / "img/x.png"  # relative to the JSONL's folder
     assert str(recs[2].image) == "/abs/y.png"
+
+
+@pytest.mark.parametrize("image", ["../x.png", "img/../../x.png", "/etc/passwd", "link/x.png"])
+def test_image_paths_are_confined_to_the_file_folder(tmp_path, image):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "link").symlink_to(tmp_path)  # a symlink inside the folder that leads out of it
+    p = _write(data, [json.dumps({"prompt": "q", "response": "a", "image": image})])
+    with pytest.raises(CalibrationError, match=r"c.jsonl:1: image .* is outside the file's folder"):
+        read_records(p)
+    assert read_records(p, allow_outside_paths=True)[0].image is not None
+    ok = _write(data, [json.dumps({"prompt": "q", "response": "a", "image": "img/./x.png"})])
+    assert read_records(ok)[0].image == data / "img/./x.png"
 
 
 @pytest.mark.parametrize(
@@ -157,7 +170,7 @@ def _streamed_replay(pair, list_suffix):
 def test_replay_matches_the_full_model(pico, arch, suffix):
     """Replaying captured args + kwargs (masks, positions, 3-D rotary, encoder states) block by block
     reproduces
-    the real forward pass exactly: the official code's mask-less replay would not (METHOD §9)."""
+    the real forward pass exactly: the official code's mask-less replay would not (docs/METHOD.md §9)."""
     pair = pico(arch)
     cal, bl, outs = _streamed_replay(pair, suffix)
     model = pair.model_cls.from_pretrained(pair.finetuned)

@@ -1,4 +1,4 @@
-"""Multi-task combination (METHOD §12): hand-computed 2x3 examples for every policy, and properties."""
+"""Multi-task combination (docs/METHOD.md §12): hand-computed 2x3 examples for every policy, and properties."""
 
 from __future__ import annotations
 

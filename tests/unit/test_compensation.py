@@ -1,4 +1,4 @@
-"""The OBS sweep and the exact decorator against least-squares oracles (METHOD.md §8, STYLE.md §10)."""
+"""The OBS sweep and the exact decorator against least-squares oracles (docs/METHOD.md §8)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from model_tailor.kernel.tailor import tailor_weight
 
 
 def _layer(rows: int, cols: int, seed: int, tokens: int | None = None, dtype=torch.float64):
-    """Correlated inputs with per-feature scales (METHOD §8 experiment setup, smaller)."""
+    """Correlated inputs with per-feature scales (as in docs/METHOD.md §8, smaller)."""
     g = torch.Generator().manual_seed(seed)
     n = tokens or 4 * cols
     mix = torch.randn(cols, cols, generator=g, dtype=dtype) / cols**0.5 + 0.3 * torch.eye(cols, dtype=dtype)

@@ -1,4 +1,4 @@
-"""Hessian accumulation, damping and the inverse factor (METHOD.md §3) against known answers."""
+"""Hessian accumulation, damping and the inverse factor (docs/METHOD.md §3) against known answers."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``tailor_weight``: the kernel contract of docs/ARCHITECTURE.md (METHOD.md §3-§8, D1-D14)."""
+"""``tailor_weight``: the kernel contract of docs/ARCHITECTURE.md (docs/METHOD.md §3-§8, D1-D14)."""
 
 from __future__ import annotations
 

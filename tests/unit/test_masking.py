@@ -1,4 +1,4 @@
-"""Exact keep counts, stable ties and granularities (METHOD.md §7, D9-D10)."""
+"""Exact keep counts, stable ties and granularities (docs/METHOD.md §7, D9-D10)."""
 
 from __future__ import annotations
 

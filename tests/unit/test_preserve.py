@@ -1,4 +1,4 @@
-"""Preserve-aware target and low-rank structure (Issue 5) against least-squares and SVD oracles."""
+"""Preserve-aware target and low-rank structure (docs/METHOD.md §14-§15) against least-squares and SVD oracles."""
 
 from __future__ import annotations
 

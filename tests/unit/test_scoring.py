@@ -1,4 +1,4 @@
-"""Salience, sensitivity, per-row z-scores and fusion (METHOD.md §4-§6) on hand-computed tensors."""
+"""Salience, sensitivity, per-row z-scores and fusion (docs/METHOD.md §4-§6) on hand-computed tensors."""
 
 from __future__ import annotations
 
