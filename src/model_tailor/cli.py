@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-COMMANDS = ("tailor", "apply", "remove", "combine", "inspect", "baseline", "bench", "list")
+COMMANDS = ("tailor", "apply", "remove", "combine", "inspect", "export", "baseline", "bench", "list")
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -26,6 +26,7 @@ from model_tailor.calibration.data import CalibrationSet, build_calibration, rea
 from model_tailor.config import TailorConfig
 from model_tailor.errors import CheckpointError, ConfigError
 from model_tailor.io.checkpoint import CheckpointReader, check_compatible
+from model_tailor.io.peft_adapter import AdapterReader, open_finetuned
 from model_tailor.kernel.masking import select_keep_masks_global
 from model_tailor.patch.model import SparsePatch
 from model_tailor.pipeline.activations import Stream, accumulate, capture_stream, reaching_batches
@@ -65,7 +66,8 @@ class _Prepared:
 
 def _prepare(cfg: TailorConfig) -> _Prepared:
     t0 = time.perf_counter()
-    base, ft = CheckpointReader(cfg.base), CheckpointReader(cfg.finetuned)
+    base = CheckpointReader(cfg.base)
+    ft = open_finetuned(cfg.finetuned, base)  # a PEFT adapter folder reads as base + adapter
     bcfg, fcfg = base.config(), ft.config()
     keys = ("model_type", "architectures")
     if bcfg and fcfg and any(bcfg.get(k) != fcfg.get(k) for k in keys):
@@ -80,9 +82,11 @@ def _prepare(cfg: TailorConfig) -> _Prepared:
     layout = discover_layout(model)
     param_names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
     to_ckpt = checkpoint_names(model, param_names, set(names))
+    include = ft.restrict_include(cfg.include) if isinstance(ft, AdapterReader) else cfg.include
     plan = select_targets(
-        model, layout, to_ckpt, diff, include=cfg.include, exclude=cfg.exclude, policy=cfg.non_target_policy
+        model, layout, to_ckpt, diff, include=include, exclude=cfg.exclude, policy=cfg.non_target_policy
     )
+    plan = ft.label_plan(plan) if isinstance(ft, AdapterReader) else plan
     return _Prepared(base, ft, model, layout, to_ckpt, plan, time.perf_counter() - t0)
 
 
