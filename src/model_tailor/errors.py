@@ -35,6 +35,10 @@ class CalibrationError(ModelTailorError, ValueError):
     """Calibration or preserve data is missing, empty or malformed."""
 
 
+class OutputError(CheckpointError):
+    """An output path would destroy an input, already exists, or is being written by another run."""
+
+
 class NumericalError(ModelTailorError, ArithmeticError):
     """A factorisation failed after all retries, or a tensor holds NaN/Inf."""
 

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import socket
+import subprocess
 import types
 from typing import Literal, Union, get_args, get_origin
 
@@ -283,3 +286,167 @@ def test_cuda_unavailable(pico, tmp_path, capsys):
     expect_failure(
         capsys, tailor_args(pico("llama"), tmp_path, "--device", "cuda"), tmp_path, 2, "CUDA is not available"
     )
+
+
+# -- inputs are never destroyed, outputs are checked before any heavy work ------------------------------------
+
+
+def _own_pair(pair, tmp_path):
+    """A private copy of a pico pair, so a test that could overwrite an input never touches the shared one."""
+    root = tmp_path / "in"
+    shutil.copytree(pair.base, root / "base")
+    shutil.copytree(pair.finetuned, root / "finetuned")
+    shutil.copy(pair.calibration, root / "calib.jsonl")
+    return types.SimpleNamespace(base=root / "base", finetuned=root / "finetuned", calibration=root / "calib.jsonl")
+
+
+def _with_out(argv, out):
+    argv = list(argv)
+    argv[argv.index("--out") + 1] = str(out)
+    return argv
+
+
+@pytest.mark.parametrize("target", ["base/model.safetensors", "calib.jsonl", "finetuned/config.json"])
+def test_out_onto_an_input_is_refused_even_with_overwrite(pico, tmp_path, capsys, target):
+    pair = _own_pair(pico("llama"), tmp_path)
+    victim = tmp_path / "in" / target
+    before = victim.read_bytes()
+    argv = _with_out(tailor_args(pair, tmp_path, "--overwrite"), victim)
+    line = expect_failure(capsys, argv, victim.parent, 1, "input")
+    assert "inputs" in line or "input calibration itself" in line
+    assert victim.read_bytes() == before
+
+
+def test_save_model_onto_the_base_or_around_it_is_refused(pico, tmp_path, capsys):
+    pair = _own_pair(pico("llama"), tmp_path)
+    for folder, match in ((pair.base, "is the input base itself"), (tmp_path / "in", "contains the base input")):
+        argv = tailor_args(pair, tmp_path, "--save-model", str(folder), "--overwrite")
+        expect_failure(capsys, argv, tmp_path / "in", 1, match)
+    assert (pair.base / "model.safetensors").is_file()
+
+
+def test_an_existing_out_is_kept_unless_overwrite(pico, tmp_path, capsys):
+    pair = pico("llama")
+    (tmp_path / "p.safetensors").write_bytes(b"mine")
+    expect_failure(capsys, tailor_args(pair, tmp_path), tmp_path, 1, "already exists; choose a new path")
+    assert (tmp_path / "p.safetensors").read_bytes() == b"mine"
+    assert main(tailor_args(pair, tmp_path, "--overwrite")) == 0
+    assert (tmp_path / "p.safetensors").read_bytes() != b"mine"
+
+
+def test_an_existing_report_side_file_is_an_existing_output(pico, tmp_path, capsys):
+    (tmp_path / "p.safetensors.report.json").write_text("{}")
+    expect_failure(capsys, tailor_args(pico("llama"), tmp_path), tmp_path, 1, "report")
+
+
+@pytest.mark.parametrize(
+    ("make", "out", "match"),
+    [
+        (lambda d: (d / "p.safetensors").mkdir(), "p.safetensors", "is an existing folder"),
+        (lambda d: (d / "f").write_text("x"), "f/p.safetensors", "a regular file"),
+    ],
+)
+def test_out_an_existing_folder_or_under_a_file_fails_fast(pico, tmp_path, capsys, make, out, match):
+    make(tmp_path)
+    expect_failure(capsys, _with_out(tailor_args(pico("llama"), tmp_path), tmp_path / out), tmp_path, 1, match)
+
+
+@pytest.mark.parametrize(("name", "match"), [("nope.jsonl", "does not exist"), ("folder", "is a folder")])
+def test_missing_or_folder_calibration_is_one_line(pico, tmp_path, capsys, name, match):
+    (tmp_path / "folder").mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = tailor_args(pico("llama"), out)
+    argv[argv.index("--calibration") + 1] = str(tmp_path / name)
+    expect_failure(capsys, argv, out, 1, f"calibration file {str(tmp_path / name)!r} {match}")
+
+
+def _edit_config(pair, tmp_path, edit):
+    own = _own_pair(pair, tmp_path)
+    for folder in (own.base, own.finetuned):
+        cfg = json.loads((folder / "config.json").read_text())
+        edit(cfg)
+        (folder / "config.json").write_text(json.dumps(cfg))
+    return own
+
+
+def test_a_checkpoint_asking_for_its_own_code_is_refused_without_a_prompt(pico, tmp_path, capsys, monkeypatch):
+    own = _edit_config(pico("llama"), tmp_path, lambda c: c.update(auto_map={"AutoConfig": "evil.Config"}))
+    (own.finetuned / "evil.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').write('ran')\n")
+    monkeypatch.setattr("builtins.input", lambda *a: pytest.fail("prompted"))
+    out = tmp_path / "out"
+    out.mkdir()
+    expect_failure(capsys, tailor_args(own, out), out, 1, "'auto_map' asks to run the checkpoint's own Python code")
+    expect_failure(capsys, tailor_args(own, out, "--dry-run"), out, 1, "auto_map")
+    assert not (tmp_path / "ran").exists()
+
+
+def test_an_architecture_that_is_not_a_model_class_is_one_line(pico, tmp_path, capsys):
+    own = _edit_config(pico("llama"), tmp_path, lambda c: c.update(architectures=["pipeline"]))
+    out = tmp_path / "out"
+    out.mkdir()
+    expect_failure(capsys, tailor_args(own, out), out, 1, "'pipeline', which is not a transformers model class")
+
+
+def test_a_running_tailor_holds_its_out(pico, tmp_path, capsys):
+    lock = tmp_path / ".p.safetensors.lock"
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": "now"}))
+    expect_failure(capsys, tailor_args(pico("llama"), tmp_path), tmp_path, 1, f"being written by pid {os.getpid()}")
+    assert lock.exists()  # someone else's lock is left alone
+
+
+def test_temporaries_and_stale_lock_of_a_killed_run_are_cleaned(pico, tmp_path, capsys):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (tmp_path / ".p.safetensors.lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
+    (tmp_path / ".p.safetensors.x1y2z3w4.tmp").write_bytes(b"partial patch")
+    (tmp_path / ".p.safetensors.report.json.abcdefgh.tmp").write_bytes(b"partial report")
+    (tmp_path / ".model.q9w8e7r6.tmp").mkdir()
+    (tmp_path / ".model.q9w8e7r6.tmp" / "shard-00000.part").write_bytes(b"partial shard")
+    (tmp_path / ".notours.abcdefgh.tmp").write_bytes(b"")
+    assert main(tailor_args(pico("llama"), tmp_path, "--save-model", str(tmp_path / "model"))) == 0
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == [".notours.abcdefgh.tmp", "model", "p.safetensors", "p.safetensors.report.json"]
+
+
+def test_an_image_given_to_a_text_only_model_is_warned_about(pico, tmp_path, capsys):
+    pair = pico("llama")
+    (tmp_path / "data").mkdir()
+    shutil.copy(pico("llava").calibration.parent / "img0.png", tmp_path / "data" / "img0.png")
+    cal = tmp_path / "data" / "c.jsonl"
+    cal.write_text(
+        json.dumps({"text": "the cat is big"}) + "\n" + json.dumps({"prompt": "what ?", "image": "img0.png"}) + "\n"
+    )
+    argv = tailor_args(pair, tmp_path)
+    argv[argv.index("--calibration") + 1] = str(cal)
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "p.safetensors.report.json").read_text())
+    assert any("images are ignored (lines [2])" in w for w in report["warnings"])
+
+
+def test_calibration_images_outside_the_file_folder_need_a_flag(pico, tmp_path, capsys):
+    llava = pico("llava")
+    (tmp_path / "data").mkdir()
+    cal = tmp_path / "data" / "c.jsonl"
+    image = str(llava.calibration.parent / "img0.png")  # absolute, outside data/
+    cal.write_text(json.dumps({"prompt": "describe this", "response": "a cat", "image": image}) + "\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = tailor_args(llava, out)
+    argv[argv.index("--calibration") + 1] = str(cal)
+    expect_failure(capsys, argv, out, 1, "c.jsonl:1: image")
+    from model_tailor.api import tailor
+
+    result = tailor(llava.base, llava.finetuned, cal, out=out / "p.safetensors", samples=4, allow_outside_paths=True)
+    assert result.report.calibration["lines"] == [1]
+
+
+def test_preserve_self_never_unpickles_weights(pico, tmp_path, capsys, monkeypatch):
+    own = _own_pair(pico("llama"), tmp_path)
+    (own.base / "model.safetensors").rename(own.base / "weights.safetensors")  # read by model-tailor only
+    torch.save({}, own.base / "pytorch_model.bin")  # what a pickle fallback would load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("a pickle was loaded"))
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = tailor_args(own, out, "--preserve", "self", "--cache-dir", str(tmp_path / "cache"))
+    expect_failure(capsys, argv, out, 2, "--preserve self cannot load")

@@ -132,7 +132,8 @@ def load_smollm2_tokenizer() -> object:
     from transformers import AutoTokenizer
 
     gguf = smollm2_gguf()
-    return _with_pad_token(AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name))
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
+    return _with_pad_token(tok)
 
 
 def _with_pad_token(tok: object) -> object:
@@ -154,8 +155,9 @@ def load_smollm2(dtype: object = None) -> tuple[object, object]:
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     gguf = smollm2_gguf()
-    tok = _with_pad_token(AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name))
-    cfg = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
+    tok = _with_pad_token(tok)
+    cfg = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
     model = LlamaForCausalLM(cfg).to(dtype or torch.float32)
     tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=model)["tensors"]
     missing, unexpected = model.load_state_dict(tensors, strict=False)

@@ -317,8 +317,9 @@ def _save(model, processor, out: Path, meta: dict) -> None:
 def load_model(path: Path, device: str = "cpu") -> tuple[torch.nn.Module, object]:
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).to(device).eval()
-    processor = AutoProcessor.from_pretrained(path)
+    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32, trust_remote_code=False)
+    model = model.to(device).eval()
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=False)
     processor.tokenizer.padding_side = "left"
     return model, processor
 

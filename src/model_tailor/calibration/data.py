@@ -10,6 +10,7 @@ JSONL's folder. Sampling is seeded; the exact lines used are returned for the lo
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import logging
@@ -64,11 +65,14 @@ def _fail(path: Path, line: int, message: str) -> CalibrationError:
     return CalibrationError(f"{path}:{line}: {message}")
 
 
-def read_records(path: str | os.PathLike[str]) -> list[CalibrationRecord]:
-    """Parse and validate every line (blank lines are skipped).
+def read_records(path: str | os.PathLike[str], *, allow_outside_paths: bool = False) -> list[CalibrationRecord]:
+    """Parse and validate every line (blank lines are skipped). Image paths must stay inside the file's
+    folder (symlinks resolved) unless ``allow_outside_paths``: a shared JSONL cannot make the run read
+    ``../../`` files.
 
     Raises:
-        CalibrationError: unreadable or empty file, bad JSON or a record of unknown shape (with its line).
+        CalibrationError: unreadable or empty file, bad JSON, a record of unknown shape or an image outside
+            the folder (with its line).
     """
     file = Path(path)
     try:
@@ -85,17 +89,26 @@ def read_records(path: str | os.PathLike[str]) -> list[CalibrationRecord]:
             raise _fail(file, i, f"not valid JSON ({err.msg})") from None
         if not isinstance(obj, dict):
             raise _fail(file, i, "each line must be a JSON object with 'text', 'prompt'/'response' or 'messages'")
-        records.append(_record(file, i, obj))
+        records.append(_record(file, i, obj, allow_outside_paths))
     if not records:
         raise CalibrationError(f"calibration file {str(file)!r} holds no records; add JSONL lines with 'text'")
     return records
 
 
-def _record(file: Path, line: int, obj: dict[str, Any]) -> CalibrationRecord:
+def _record(file: Path, line: int, obj: dict[str, Any], allow_outside: bool = False) -> CalibrationRecord:
     image = obj.get("image")
     if image is not None and not isinstance(image, str):
         raise _fail(file, line, "'image' must be a path string")
     img = None if image is None else (Path(image) if Path(image).is_absolute() else file.parent / image)
+    if img is not None and not allow_outside:
+        folder = Path(os.path.realpath(file.parent))
+        if folder not in Path(os.path.realpath(img)).parents:
+            raise _fail(
+                file,
+                line,
+                f"image {image!r} is outside the file's folder {str(folder)!r}; move it there or pass "
+                "--allow-outside-paths",
+            )
     if "text" in obj:
         if not isinstance(obj["text"], str) or not obj["text"].strip():
             raise _fail(file, line, "'text' must be a non-empty string")
@@ -139,18 +152,18 @@ def load_processor(model_dir: str | os.PathLike[str]) -> Any:
     from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 
     try:
-        proc = AutoProcessor.from_pretrained(model_dir)
+        proc = AutoProcessor.from_pretrained(model_dir, trust_remote_code=False)
         if hasattr(proc, "tokenizer") or hasattr(proc, "apply_chat_template"):
             return proc
     except Exception as err:  # noqa: BLE001 - transformers raises many types; fall back and say why
         logger.info("AutoProcessor unavailable for %s (%s); using tokenizer + image processor", model_dir, err)
     try:
-        tok = AutoTokenizer.from_pretrained(model_dir)
+        tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     except Exception as err:  # noqa: BLE001
         raise CalibrationError(f"{model_dir}: no tokenizer can be loaded ({err}); save it beside the weights") from None
     image_processor = None
     if (Path(model_dir) / "preprocessor_config.json").is_file():
-        image_processor = AutoImageProcessor.from_pretrained(model_dir)
+        image_processor = AutoImageProcessor.from_pretrained(model_dir, trust_remote_code=False)
     return _TokenizerAndImages(tok, image_processor)
 
 
@@ -304,9 +317,10 @@ def build_calibration(
     batch_size: int,
     seed: int,
     model_cls: type | None = None,
+    allow_outside_paths: bool = False,
 ) -> CalibrationSet:
     """Read, sample, render and batch the calibration data (batches group records with and without images)."""
-    records = read_records(path)
+    records = read_records(path, allow_outside_paths=allow_outside_paths)
     warnings: list[str] = []
     if _requires_pixels(model_cls):
         dropped = [r.line for r in records if r.image is None]
@@ -320,12 +334,19 @@ def build_calibration(
     chosen = sample_records(records, samples, seed)
     if len(records) < samples:
         warnings.append(f"only {len(records)} calibration record(s) available, {samples} requested: using all")
+    proc = load_processor(model_dir)
+    with_image = [r.line for r in chosen if r.image is not None]
+    if with_image and getattr(proc, "image_processor", None) is None:
+        warnings.append(
+            f"{len(with_image)} record(s) have an image but this model reads text only: the images are ignored "
+            f"(lines {with_image})"
+        )
+        chosen = [dataclasses.replace(r, image=None) for r in chosen]
     for w in warnings:
         logger.warning("%s", w)
     for r in chosen:
         if r.image is not None and not r.image.is_file():
             raise CalibrationError(f"{path}:{r.line}: image {str(r.image)!r} not found")
-    proc = load_processor(model_dir)
     tok = _tokenizer(proc)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     encoded = [(r, _encode(r, proc, max_tokens)) for r in chosen]

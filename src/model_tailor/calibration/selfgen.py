@@ -23,6 +23,7 @@ import torch
 
 from model_tailor.errors import ConfigError
 from model_tailor.io.atomic import atomic_write_text
+from model_tailor.io.safety import refuse_remote_code
 
 logger = logging.getLogger(__name__)
 
@@ -92,22 +93,25 @@ def render_prompt(tokenizer: Any, processor: Any, instruction: str) -> str:
 def _load_generator(model_dir: Path, device: str) -> tuple[Any, Any, Any]:
     import transformers
 
-    config = transformers.AutoConfig.from_pretrained(model_dir)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    refuse_remote_code(model_dir)
+    config = transformers.AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     processor = None
     if hasattr(config, "vision_config"):
         try:
-            processor = transformers.AutoProcessor.from_pretrained(model_dir)
+            processor = transformers.AutoProcessor.from_pretrained(model_dir, trust_remote_code=False)
         except (OSError, ValueError, TypeError):
             processor = None
         model_cls = transformers.AutoModelForImageTextToText
     else:
         model_cls = transformers.AutoModelForCausalLM
-    try:
-        model = model_cls.from_pretrained(model_dir, dtype=torch.float32)
-    except (ValueError, KeyError) as err:
+    try:  # safetensors only: a folder with pickled weights beside them never falls back to unpickling them
+        model = model_cls.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=False, use_safetensors=True)
+    except (OSError, ValueError, KeyError) as err:
+        reason = " ".join(str(err).split())[:300]
         raise ConfigError(
-            f"--preserve self cannot load {str(model_dir)!r} for text generation ({err}); pass --preserve FILE"
+            f"--preserve self cannot load {str(model_dir)!r} for text generation from safetensors weights "
+            f"({reason}); pass --preserve FILE"
         ) from None
     return model.to(device).eval(), tokenizer, processor
 

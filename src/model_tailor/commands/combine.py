@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from model_tailor.commands.common import add_overwrite_option
-from model_tailor.errors import ConfigError
+from model_tailor.io.safety import Output, check_outputs, lock_outputs
 from model_tailor.patch.combine import combine_patches
 from model_tailor.patch.format import load_patch, save_patch
 
@@ -28,11 +28,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise ConfigError(f"output {str(out)!r} already exists; choose a new file or pass --overwrite")
+    inputs = {f"--patch {i + 1}": p for i, p in enumerate(args.patch)}
+    check_outputs([Output("--out", out)], inputs, overwrite=args.overwrite)
     patches = [load_patch(p) for p in args.patch]
     combined, report = combine_patches(patches, policy=args.policy, weights=args.weights, force=args.force)
-    save_patch(combined, out)
+    with lock_outputs([out]):
+        save_patch(combined, out)
     width = max((len(n) for n in report.per_tensor), default=6)
     print(f"{'tensor':<{width}}  {'union':>10}  {'overlap':>10}  {'fraction':>8}")
     for name, o in report.per_tensor.items():

@@ -275,6 +275,7 @@ class CheckpointWriter:
         self._seen: set[str] = set()
         self.total_bytes = 0
         self._done = False
+        self._finished = False
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         """Queue one tensor; a full shard is written to disk immediately."""
@@ -318,7 +319,13 @@ class CheckpointWriter:
 
     def commit(self) -> Path:
         """Finish the last shard, write the index, fsync and rename the folder into place."""
-        if self._done:
+        self.finish()
+        return self.install()
+
+    def finish(self) -> Path:
+        """Write the last shard and the index and fsync them; the folder stays a temporary (``install`` moves
+        it), so a caller can stage other outputs before anything looks complete."""
+        if self._done or self._finished:
             raise CheckpointError("writer already committed or aborted")
         try:
             self._flush()
@@ -335,6 +342,17 @@ class CheckpointWriter:
                 os.chmod(file, self._file_mode)
                 with open(file, "rb") as handle:
                     os.fsync(handle.fileno())
+        except BaseException:
+            self.abort()
+            raise
+        self._finished = True
+        return self._tmp
+
+    def install(self) -> Path:
+        """Rename the finished folder onto ``out_dir`` (the previous one, with ``overwrite``, is removed)."""
+        if self._done or not self._finished:
+            raise CheckpointError("writer not finished, or already committed or aborted")
+        try:
             if self.out_dir.exists():
                 if not self.overwrite:
                     raise CheckpointError(f"output {str(self.out_dir)!r} appeared while writing; nothing replaced")

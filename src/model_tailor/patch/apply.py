@@ -22,6 +22,7 @@ from typing import Any
 
 from model_tailor.errors import CheckpointError, PatchFormatError
 from model_tailor.io.checkpoint import CheckpointReader, CheckpointWriter
+from model_tailor.io.safety import Output, check_outputs, lock_outputs
 from model_tailor.options import DEFAULT_MAX_SHARD_BYTES
 from model_tailor.patch.applied import check_applied
 from model_tailor.patch.combine import COMBINE, CombineReport, combine_patches
@@ -118,13 +119,17 @@ def _provenance(
     }
 
 
-def _check_output(out_dir: str | os.PathLike[str], source: str | os.PathLike[str], overwrite: bool) -> Path:
-    """The output folder, refused when it exists (unless ``overwrite``) or is the checkpoint being read."""
+def _check_output(
+    out_dir: str | os.PathLike[str],
+    source: str | os.PathLike[str],
+    overwrite: bool,
+    patch_paths: Sequence[str | os.PathLike[str]] = (),
+) -> Path:
+    """The output folder, refused when it is, holds or lies inside an input (the checkpoint read, a patch),
+    or exists (unless ``overwrite``)."""
     out = Path(out_dir)
-    if out.exists() and out.resolve() == Path(source).resolve():
-        raise CheckpointError(f"output {str(out)!r} is the input checkpoint; choose a new folder")
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"output {str(out)!r} already exists; choose a new folder or pass --overwrite")
+    inputs = {"checkpoint": source, **{f"--patch {i + 1}": p for i, p in enumerate(patch_paths)}}
+    check_outputs([Output("--out", out, "dir")], inputs, overwrite=overwrite)
     return out
 
 
@@ -140,7 +145,10 @@ def _stream(
 ) -> list[str]:
     mismatched: list[str] = []
     expected_content = patch.metadata.base_fingerprint.get("content") or {}
-    with CheckpointWriter(out_dir, max_shard_bytes=max_shard_bytes, overwrite=overwrite) as writer:
+    with (
+        lock_outputs([out_dir]),  # one writer per output; cleans the temporaries of a killed run
+        CheckpointWriter(out_dir, max_shard_bytes=max_shard_bytes, overwrite=overwrite) as writer,
+    ):
         for name in reader.names():
             tensor = reader.get(name)
             tp = patch.tensors.get(name)
@@ -195,7 +203,7 @@ def apply_patches(
         CheckpointError: unreadable base, ``out_dir`` exists (without ``overwrite``) or is the input, or patch
             tensors missing / of another shape.
     """
-    out = _check_output(out_dir, base_dir, overwrite)
+    out = _check_output(out_dir, base_dir, overwrite, patch_paths)
     loaded = _load(patch_paths)
     with CheckpointReader(base_dir) as reader:
         for path, patch in loaded:
@@ -244,7 +252,7 @@ def remove_patches(
 
     Args and Raises: as ``apply_patches``; ``patched_dir`` is the patched checkpoint.
     """
-    out = _check_output(out_dir, patched_dir, overwrite)
+    out = _check_output(out_dir, patched_dir, overwrite, patch_paths)
     loaded = _load(patch_paths)
     with CheckpointReader(patched_dir) as reader:
         for path, patch in loaded:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from model_tailor.errors import CheckpointError
+from model_tailor.io.safety import refuse_remote_code
 
 logger = logging.getLogger(__name__)
 
@@ -171,12 +172,20 @@ def build_skeleton(config_dir: str) -> nn.Module:
     import transformers
     from transformers import AutoConfig
 
+    refuse_remote_code(config_dir)
     try:
-        config = AutoConfig.from_pretrained(config_dir)
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{config_dir}: config.json cannot be read as a transformers config ({err})") from None
-    arch = (getattr(config, "architectures", None) or [None])[0]
-    cls = getattr(transformers, arch, None) if arch else None
+        config = AutoConfig.from_pretrained(config_dir, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        reason = " ".join(str(err).split())[:300]
+        raise CheckpointError(f"{config_dir}: config.json cannot be read as a transformers config ({reason})") from None
+    archs = getattr(config, "architectures", None) or [None]
+    arch = archs[0] if isinstance(archs, list | tuple) else archs
+    cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
+    if cls is not None and not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise CheckpointError(
+            f"{config_dir}: config.json names architecture {arch!r}, which is not a transformers model class; "
+            "fix 'architectures' (e.g. LlamaForCausalLM)"
+        )
     if cls is None:
         cls = transformers.AutoModelForCausalLM
         logger.warning("%s: architecture %r unknown to transformers; using AutoModelForCausalLM", config_dir, arch)
@@ -185,7 +194,11 @@ def build_skeleton(config_dir: str) -> nn.Module:
     except ImportError:  # pragma: no cover - older transformers
         from transformers.modeling_utils import no_init_weights
     with empty_parameters(), no_init_weights():  # random init would be thrown away: skip it
-        model = cls._from_config(config) if hasattr(cls, "_from_config") else cls.from_config(config)
+        model = (
+            cls._from_config(config)
+            if hasattr(cls, "_from_config")
+            else cls.from_config(config, trust_remote_code=False)
+        )
     model.eval()
     model.requires_grad_(False)
     return model

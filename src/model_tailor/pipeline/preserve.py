@@ -56,7 +56,13 @@ def load_preserve(cfg: TailorConfig, model_dir: Path, model_cls: type | None) ->
     Raises:
         CalibrationError: the file is missing, unreadable or malformed (with its line number).
     """
-    common = dict(max_tokens=cfg.max_tokens, batch_size=cfg.batch_size, seed=cfg.seed, model_cls=model_cls)
+    common = dict(
+        max_tokens=cfg.max_tokens,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        model_cls=model_cls,
+        allow_outside_paths=cfg.allow_outside_paths,
+    )
     generated = None
     if cfg.preserve == "self":
         spec = SelfPreserveSpec(samples=cfg.preserve_samples, seed=cfg.seed, max_new_tokens=cfg.preserve_max_new_tokens)

@@ -1,9 +1,10 @@
 """Resumable runs: one checkpoint file per finished block in a work folder beside ``--out``.
 
-The folder name carries a hash of the resolved config and of the inputs (checkpoint structure, weight file
-sizes
-and times, calibration bytes), so a rerun with the same arguments continues from the last finished block and a
-changed run starts afresh. Files are written atomically; the folder is removed once the outputs are committed.
+The folder name carries a hash of the resolved config and of the inputs' bytes (every weight, config and
+tokenizer file of both checkpoints, the calibration and preserve files), so a rerun with the same arguments
+continues from the last finished block and a changed run, even one whose files kept their size and time,
+starts afresh. Files are written atomically; the folder is removed once the outputs are committed, and while
+they are being committed it holds ``committing.json`` naming them, so a rerun may replace what it left.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from model_tailor.io.atomic import atomic_path
+from model_tailor.io.atomic import atomic_path, atomic_write_json
 from model_tailor.patch.layout import join_parts, split_parts
 from model_tailor.pipeline.weights import SparseValues
 
@@ -28,16 +31,42 @@ logger = logging.getLogger(__name__)
 __all__ = ["WorkDir", "run_key"]
 
 
-def _file_stamp(path: Path) -> list[Any]:
-    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
-    return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files if p.suffix in (".safetensors", ".json")]
+_NEVER_READ = (".bin", ".pt", ".pth", ".ckpt")  # pickled weights: never read, so never part of the key
+_SIDE_SUFFIXES = (".json", ".jinja", ".txt", ".model")
+_CHUNK = 8 << 20
+
+
+def _input_files(path: Path) -> list[Path]:
+    """The files a run reads from a checkpoint: the folder's files, or one weight file and its side files."""
+    if path.is_dir():
+        files = [p for p in path.iterdir() if p.is_file() and p.suffix not in _NEVER_READ]
+    else:
+        files = [path] + [p for p in path.parent.iterdir() if p.is_file() and p.suffix in _SIDE_SUFFIXES]
+    return sorted(p for p in files if not p.name.startswith("."))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)  # releases the GIL: files hash in parallel threads
+    return digest.hexdigest()
+
+
+def content_digest(paths: list[Path]) -> str:
+    """sha256 over ``name<TAB>sha256(bytes)`` of every file (streamed, a few files at a time)."""
+    workers = max(1, min(4, os.cpu_count() or 1, len(paths)))
+    with ThreadPoolExecutor(workers) as pool:
+        digests = list(pool.map(_sha256, paths))
+    return hashlib.sha256("".join(f"{p.name}\t{d}\n" for p, d in zip(paths, digests, strict=True)).encode()).hexdigest()
 
 
 def run_key(
     config_fingerprint: str, base: Path, finetuned: Path, calibration: Path | None, preserve: Path | None = None
 ) -> str:
     h = hashlib.sha256(config_fingerprint.encode())
-    h.update(json.dumps([_file_stamp(base), _file_stamp(finetuned)]).encode())
+    for part in (base, finetuned):
+        h.update(content_digest(_input_files(part)).encode())
     if calibration is not None:
         h.update(calibration.read_bytes())
     if preserve is not None and preserve.is_file():  # "self" data is a function of base and config
@@ -85,6 +114,22 @@ class WorkDir:
             logger.warning("resume: ignoring unreadable %s (%s)", file, err)
             return None
         return tensors, layer
+
+    @property
+    def _journal(self) -> Path:
+        return self.path / "committing.json"
+
+    def mark_committing(self, outputs: list[Path]) -> None:
+        """Record the outputs about to be renamed into place (the rerun of a run killed now may replace them)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self._journal, [str(p) for p in outputs])
+
+    def committing(self) -> list[Path]:
+        """Outputs an interrupted commit of this run may have left (empty when none was under way)."""
+        try:
+            return [Path(p) for p in json.loads(self._journal.read_text())]
+        except (OSError, ValueError, TypeError):
+            return []
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)

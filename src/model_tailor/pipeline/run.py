@@ -16,7 +16,6 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,11 +31,11 @@ from model_tailor.patch.model import SparsePatch
 from model_tailor.pipeline.activations import Stream, accumulate, capture_stream, reaching_batches
 from model_tailor.pipeline.adapter import tailor_tensor
 from model_tailor.pipeline.architectures import ModelLayout, build_skeleton, checkpoint_names, discover_layout
-from model_tailor.pipeline.outputs import build_patch, calibration_info, write_outputs
+from model_tailor.pipeline.outputs import build_patch, calibration_info, guard_outputs, write_outputs
 from model_tailor.pipeline.planning import estimate_plan
 from model_tailor.pipeline.preserve import PreserveData, load_preserve
 from model_tailor.pipeline.report import LayerReport, TailorPlan, TailorReport
-from model_tailor.pipeline.resume import WorkDir, run_key
+from model_tailor.pipeline.resume import WorkDir
 from model_tailor.pipeline.targets import TargetParam, TargetPlan, diff_checkpoints, select_targets
 from model_tailor.pipeline.weights import Materializer, SparseValues, WeightSource
 
@@ -94,7 +93,9 @@ def plan_tailor(cfg: TailorConfig) -> TailorPlan:
     """What :func:`run_tailor` would do (``--dry-run``): reads the checkpoints and the calibration file
     only."""
     prep = _prepare(cfg)
-    n_records = len(read_records(cfg.calibration)) if cfg.calibration is not None else None
+    n_records = None
+    if cfg.calibration is not None:
+        n_records = len(read_records(cfg.calibration, allow_outside_paths=cfg.allow_outside_paths))
     return estimate_plan(prep.model, prep.layout, prep.plan, prep.base, cfg, n_records)
 
 
@@ -185,18 +186,9 @@ class _Runner:
             scores[t.name] = (self.source.finetuned.get(t.name).float() - self.source.base.get(t.name).float()).abs()
         self.keep_masks = select_keep_masks_global(scores, self.cfg.density)
 
-    def resume(self, out: Path) -> None:
-        cfg = self.cfg
-        self.workdir = WorkDir(
-            out,
-            run_key(
-                cfg.fingerprint(),
-                Path(cfg.base),
-                Path(cfg.finetuned),
-                cfg.calibration,
-                Path(cfg.preserve) if cfg.preserve not in (None, "self") else None,
-            ),
-        )
+    def resume(self, workdir: WorkDir) -> None:
+        """Load the blocks a previous run with the same key finished (the key covers the inputs' bytes)."""
+        self.workdir = workdir
         for bl, idx in self.prep.plan.block_order:
             path = f"{bl}.{idx}"
             loaded = self.workdir.load_block(path)
@@ -328,15 +320,18 @@ def run_tailor(cfg: TailorConfig, *, progress: bool = False) -> TailorResult:
     Returns:
         :class:`TailorResult` with the in-memory patch and report.
     """
+    with guard_outputs(cfg) as workdir:  # checks, lock and work folder before any heavy work
+        return _run(cfg, progress, workdir)
+
+
+def _run(cfg: TailorConfig, progress: bool, workdir: WorkDir | None) -> TailorResult:
     seconds: dict[str, float] = {}
-    if cfg.save_model is not None and Path(cfg.save_model).exists() and not cfg.overwrite:
-        raise CheckpointError(f"--save-model {str(cfg.save_model)!r} already exists; remove it or pass --overwrite")
     prep = _prepare(cfg)
     seconds["load_and_diff"] = prep.seconds
     plan_view = estimate_plan(prep.model, prep.layout, prep.plan, prep.base, cfg, None)
     runner = _Runner(cfg, prep, progress)
-    if cfg.out is not None:
-        runner.resume(Path(cfg.out))
+    if workdir is not None:
+        runner.resume(workdir)
     calib = None
     t0 = time.perf_counter()
     if not cfg.data_free:
@@ -348,6 +343,7 @@ def run_tailor(cfg: TailorConfig, *, progress: bool = False) -> TailorResult:
             batch_size=cfg.batch_size,
             seed=cfg.seed,
             model_cls=type(prep.model),
+            allow_outside_paths=cfg.allow_outside_paths,
         )
         runner.warnings.extend(calib.warnings)
     seconds["calibration"] = time.perf_counter() - t0
@@ -389,6 +385,7 @@ def run_tailor(cfg: TailorConfig, *, progress: bool = False) -> TailorResult:
         lambda: build_patch(runner.source, prep.plan, config=report.config, stats=stats),
         report,
         preserve_records=runner.preserve.generated if runner.preserve is not None else None,
+        workdir=workdir,
     )
     if runner.workdir is not None:
         runner.workdir.remove()
