@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from model_tailor.errors import CheckpointError, NumericalError, PatchFormatError, ShapeMismatchError
-from model_tailor.patch.model import PatchMetadata, SparsePatch, TensorPatch, layer_of
+from model_tailor.patch.model import PatchMetadata, SparsePatch, TensorPatch
+from model_tailor.patch.summary import layer_of
 
 
 def _bf16_pair(seed: int, shape=(6, 5)):

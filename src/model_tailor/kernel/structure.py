@@ -137,6 +137,20 @@ def tailor_weight_structured(
         return TailoredWeight(weight=out.weight, keep_mask=out.keep_mask, stats=out.stats, lowrank=(A, B))
     if rank == 0:
         logger.warning("%s: budget density %s buys rank 0 for a %dx%d weight", name, density, rows, cols)
+    return _lowrank_only(base, T, hessian, (A, B), percdamp=percdamp, name=name)
+
+
+def _lowrank_only(
+    base: torch.Tensor,
+    T: torch.Tensor,
+    hessian: torch.Tensor,
+    factors: tuple[torch.Tensor, torch.Tensor],
+    *,
+    percdamp: float,
+    name: str | None,
+) -> TailoredWeight:
+    """A patch of factors only: no sparse entry, errors of base and of ``base + A B`` against ``T``."""
+    A, B = factors
     H_damped = factor_hessian(hessian.to(A.dtype), percdamp=percdamp, name=name).H_damped
     T32 = T.to(A.dtype)
     error = reconstruction_error(base.to(A.dtype) + A @ B, T32, H_damped)
@@ -150,5 +164,5 @@ def tailor_weight_structured(
         used="lowrank",
         compensation="lowrank",
     )
-    keep = torch.zeros(rows, cols, dtype=torch.bool, device=base.device)
+    keep = torch.zeros(tuple(base.shape), dtype=torch.bool, device=base.device)
     return TailoredWeight(weight=base.clone(), keep_mask=keep, stats=stats, lowrank=(A, B))

@@ -177,6 +177,47 @@ def tailor_weight(
         ShapeMismatchError: shapes disagree.
         NumericalError: NaN/Inf in an input or a failed factorisation.
     """
+    _check_options(density, alpha, block_size, compensation, granularity, sensitivity, mask_timing, salience_from)
+    _validate(base, finetuned, hessian, target, keep_mask, name)
+    device, dtype = base.device, compute_dtype(base, finetuned, hessian, target)
+    V = base.to(dtype=dtype)
+    T = (finetuned if target is None else target).to(device=device, dtype=dtype)
+    clock = _Clock(device)
+    trivial, no_delta = _trivial(V, T, hessian, keep_mask, density, alpha, compensation, name)
+    with fp32_precision():
+        factor = None if hessian is None or trivial else factor_hessian(hessian.to(T), percdamp=percdamp, name=name)
+        clock.lap("factor")
+        timing = _timing(mask_timing, keep_mask, granularity, compensation, name)
+        sal_src = T if salience_from == "target" else finetuned.to(device=device, dtype=dtype)
+        # docs/METHOD.md §4: salience once, from the original delta
+        score = _Scorer(salience(V, sal_src), V, None if factor is None else factor.U.diagonal(), alpha, sensitivity)
+        keep = _first_mask(score, T, keep_mask, trivial, no_delta, timing, density, granularity, block_size)
+        clock.lap("select")
+        W_comp, keep = _decorate(V, T, keep, factor, score, compensation, timing, density, block_size, trivial)
+        clock.lap("sweep")
+        W_final, used, errors = _guard(V, T, W_comp, keep, factor, compensation, trivial, guard, name)
+        clock.lap("guard")
+    stats = _stats(base, keep, errors, used, compensation, "upfront" if trivial else timing, factor, clock, name)
+    if not bool(torch.isfinite(W_final).all()):
+        raise NumericalError(f"{name or 'tensor'}: tailored weight contains NaN or Inf", layer=name)
+    # Cast on return; off-mask entries are taken from base itself, so they are bitwise base (docs/ARCHITECTURE.md).
+    return TailoredWeight(weight=torch.where(keep, W_final.to(base.dtype), base), keep_mask=keep, stats=stats)
+
+
+Tensor = torch.Tensor
+_Errors = tuple[float | None, float | None]  # (error_masked, error_compensated)
+
+
+def _check_options(
+    density: float,
+    alpha: float,
+    block_size: int,
+    compensation: str,
+    granularity: str,
+    sensitivity: str,
+    mask_timing: str,
+    salience_from: str,
+) -> None:
     _check_choice(compensation, COMPENSATIONS, "compensation")
     _check_choice(granularity, GRANULARITIES, "granularity")
     _check_choice(sensitivity, SENSITIVITY_KINDS, "sensitivity")
@@ -187,106 +228,162 @@ def tailor_weight(
         raise ConfigError(f"alpha must be in [0, 1], got {alpha}")
     if block_size < 1:
         raise ConfigError(f"block_size must be >= 1, got {block_size}")
-    _validate(base, finetuned, hessian, target, keep_mask, name)
-    device = base.device
-    dtype = compute_dtype(base, finetuned, hessian, target)
-    V = base.to(dtype=dtype)
-    T = (finetuned if target is None else target).to(device=device, dtype=dtype)
-    rows, cols = base.shape
-    clock = _Clock(device)
 
-    # Trivial cases need no Hessian: density 1 keeps everything (the full delta), and an all-zero
-    # delta (target == base) gives an empty patch rather than floor(rho*m) entries that change nothing.
+
+def _trivial(
+    V: Tensor,
+    T: Tensor,
+    hessian: Tensor | None,
+    keep_mask: Tensor | None,
+    density: float,
+    alpha: float,
+    compensation: str,
+    name: str | None,
+) -> tuple[bool, bool]:
+    """``(trivial, no_delta)``; raises when a Hessian is needed and missing.
+
+    Trivial cases need no Hessian: density 1 keeps everything (the full delta), and an all-zero delta (target
+    == base) gives an empty patch rather than floor(rho*m) entries that change nothing.
+    """
     all_kept = keep_mask is None and density == 1.0
     no_delta = keep_mask is None and not bool((T != V).any())
     trivial = all_kept or no_delta
     needs_h = not trivial and (compensation != "none" or (keep_mask is None and alpha < 1.0))
     if hessian is None and needs_h:
         raise ConfigError(f"{name or 'tensor'}: compensation={compensation!r} with alpha={alpha} needs a Hessian")
+    return trivial, no_delta
 
-    with fp32_precision():
-        factor: DampedFactor | None = None
-        if hessian is not None and not trivial:
-            factor = factor_hessian(hessian.to(device=device, dtype=dtype), percdamp=percdamp, name=name)
-        clock.lap("factor")
 
-        sweeps = compensation in ("obs", "official")
-        timing = "fixed" if keep_mask is not None else mask_timing
-        if timing == "adaptive" and (granularity != "block" or not sweeps):
-            logger.info("%s: mask_timing=adaptive needs the sweep and block groups; choosing the mask upfront", name)
-            timing = "upfront"
+def _timing(mask_timing: str, keep_mask: Tensor | None, granularity: str, compensation: str, name: str | None) -> str:
+    """The timing that applies: ``fixed`` for a given mask; adaptive needs the sweep and block groups."""
+    timing = "fixed" if keep_mask is not None else mask_timing
+    if timing == "adaptive" and (granularity != "block" or compensation not in ("obs", "official")):
+        logger.info("%s: mask_timing=adaptive needs the sweep and block groups; choosing the mask upfront", name)
+        timing = "upfront"
+    return timing
 
-        sal_src = T if salience_from == "target" else finetuned.to(device=device, dtype=dtype)
-        sal = salience(V, sal_src)  # docs/METHOD.md §4: once, from the original delta
-        U_diag = factor.U.diagonal() if factor is not None else None
 
-        def block_scores(W_block: torch.Tensor, cols_: slice) -> torch.Tensor:
-            if alpha == 1.0:
-                return fuse_scores(sal[:, cols_], sal[:, cols_], 1.0)
-            sens = compute_sensitivity(W_block, U_diag[cols_], base=V[:, cols_], kind=sensitivity)
-            return fuse_scores(sal[:, cols_], sens, alpha)
+@dataclass(frozen=True)
+class _Scorer:
+    """Fused scores of one column block (docs/METHOD.md §4-§6) from its current weights ``W_block``."""
 
-        if trivial:
-            keep = torch.full((rows, cols), not no_delta, dtype=torch.bool, device=device)
-        elif keep_mask is not None:
-            keep = keep_mask.to(device)
-        elif timing == "upfront":
-            scores = torch.empty_like(T)
-            for b in range(0, cols, block_size):
-                cs = slice(b, min(b + block_size, cols))
-                scores[:, cs] = block_scores(T[:, cs], cs)
-            keep = select_keep_mask(scores, density, granularity=granularity, block_size=block_size)
-        clock.lap("select")
+    sal: Tensor
+    V: Tensor
+    U_diag: Tensor | None
+    alpha: float
+    kind: str
 
-        # docs/METHOD.md §7 adaptive: each block's mask is chosen from W_bar inside the sweep (exact k per block).
-        def adaptive(W_block: torch.Tensor, cols_: slice) -> torch.Tensor:
-            return select_keep_mask(block_scores(W_block, cols_), density, granularity="tensor")
+    def __call__(self, W_block: Tensor, cols: slice) -> Tensor:
+        if self.alpha == 1.0:
+            return fuse_scores(self.sal[:, cols], self.sal[:, cols], 1.0)
+        assert self.U_diag is not None  # alpha < 1 always has a factor (_trivial)
+        sens = compute_sensitivity(W_block, self.U_diag[cols], base=self.V[:, cols], kind=self.kind)
+        return fuse_scores(self.sal[:, cols], sens, self.alpha)
 
-        if trivial or compensation == "none":
-            W_comp = torch.where(keep, T, V)
-        elif compensation == "exact":
-            W_comp = exact_compensation(V, T, keep, factor.H_damped)
-        else:
-            sign = -1 if compensation == "obs" else 1
-            selector = adaptive if timing == "adaptive" else (lambda _w, cs: keep[:, cs])
-            W_comp, keep = obs_sweep(T, V, factor.U, selector, sign=sign, block_size=block_size)
-        clock.lap("sweep")
 
-        W_masked = torch.where(keep, T, V)
-        error_masked = error_comp = None
-        if factor is not None:
-            error_masked = reconstruction_error(W_masked, T, factor.H_damped)
-            error_comp = error_masked if compensation == "none" else reconstruction_error(W_comp, T, factor.H_damped)
-        elif trivial:
-            error_masked = error_comp = 0.0
-        used = "none" if compensation == "none" or trivial else "compensated"
-        W_final = W_comp
-        if guard and used == "compensated" and error_comp is not None and error_comp > error_masked:
-            logger.info(
-                "%s: guard kept the masked weights (error %.4g < decorated %.4g)",
-                name,
-                error_masked,
-                error_comp,
-            )
-            W_final, used = W_masked, "masked"
-        clock.lap("guard")
+def _first_mask(
+    score: _Scorer,
+    T: Tensor,
+    keep_mask: Tensor | None,
+    trivial: bool,
+    no_delta: bool,
+    timing: str,
+    density: float,
+    granularity: str,
+    block_size: int,
+) -> Tensor | None:
+    """The keep mask before the sweep: all or nothing when trivial, the given one, the target's best scores
+    (upfront), or None for ``adaptive`` (the sweep chooses it block by block)."""
+    if trivial:
+        return torch.full(tuple(T.shape), not no_delta, dtype=torch.bool, device=T.device)
+    if keep_mask is not None:
+        return keep_mask.to(T.device)
+    if timing != "upfront":
+        return None
+    cols = T.shape[1]
+    scores = torch.empty_like(T)
+    for b in range(0, cols, block_size):
+        cs = slice(b, min(b + block_size, cols))
+        scores[:, cs] = score(T[:, cs], cs)
+    return select_keep_mask(scores, density, granularity=granularity, block_size=block_size)
 
-    if not bool(torch.isfinite(W_final).all()):
-        raise NumericalError(f"{name or 'tensor'}: tailored weight contains NaN or Inf", layer=name)
-    # Cast on return; off-mask entries are taken from base itself, so they are bitwise base (docs/ARCHITECTURE.md).
-    weight = torch.where(keep, W_final.to(base.dtype), base)
+
+def _decorate(
+    V: Tensor,
+    T: Tensor,
+    keep: Tensor | None,
+    factor: DampedFactor | None,
+    score: _Scorer,
+    compensation: str,
+    timing: str,
+    density: float,
+    block_size: int,
+    trivial: bool,
+) -> tuple[Tensor, Tensor]:
+    """``(W_comp, keep)``: the decorated weights and the final mask (an adaptive sweep chooses it)."""
+    if trivial or compensation == "none":
+        return torch.where(keep, T, V), keep
+    assert factor is not None  # compensation other than "none" needs H (_trivial)
+    if compensation == "exact":
+        return exact_compensation(V, T, keep, factor.H_damped), keep
+
+    # docs/METHOD.md §7 adaptive: each block's mask is chosen from W_bar inside the sweep (exact k per block).
+    def adaptive(W_block: Tensor, cols: slice) -> Tensor:
+        return select_keep_mask(score(W_block, cols), density, granularity="tensor")
+
+    sign = -1 if compensation == "obs" else 1
+    selector = adaptive if timing == "adaptive" else (lambda _w, cs: keep[:, cs])
+    return obs_sweep(T, V, factor.U, selector, sign=sign, block_size=block_size)
+
+
+def _guard(
+    V: Tensor,
+    T: Tensor,
+    W_comp: Tensor,
+    keep: Tensor,
+    factor: DampedFactor | None,
+    compensation: str,
+    trivial: bool,
+    guard: bool,
+    name: str | None,
+) -> tuple[Tensor, str, _Errors]:
+    """``(W_final, used, errors)``: the masked weights win when they reconstruct better under H_tilde (D4)."""
+    W_masked = torch.where(keep, T, V)
+    error_masked = error_comp = None
+    if factor is not None:
+        error_masked = reconstruction_error(W_masked, T, factor.H_damped)
+        error_comp = error_masked if compensation == "none" else reconstruction_error(W_comp, T, factor.H_damped)
+    elif trivial:
+        error_masked = error_comp = 0.0
+    used = "none" if compensation == "none" or trivial else "compensated"
+    if guard and used == "compensated" and error_comp is not None and error_comp > error_masked:
+        logger.info("%s: guard kept the masked weights (error %.4g < decorated %.4g)", name, error_masked, error_comp)
+        return W_masked, "masked", (error_masked, error_comp)
+    return W_comp, used, (error_masked, error_comp)
+
+
+def _stats(
+    base: Tensor,
+    keep: Tensor,
+    errors: _Errors,
+    used: str,
+    compensation: str,
+    timing: str,
+    factor: DampedFactor | None,
+    clock: _Clock,
+    name: str | None,
+) -> TailorStats:
     kept = int(keep.sum())
-    stats = TailorStats(
+    return TailorStats(
         name=name,
         numel=base.numel(),
         kept=kept,
         density=kept / max(1, base.numel()),
-        error_masked=error_masked,
-        error_compensated=error_comp,
+        error_masked=errors[0],
+        error_compensated=errors[1],
         used=used,
         compensation=compensation,
-        mask_timing="upfront" if trivial else timing,
+        mask_timing=timing,
         damping=factor.lam if factor is not None else None,
         seconds=clock.seconds,
     )
-    return TailoredWeight(weight=weight, keep_mask=keep, stats=stats)
