@@ -76,28 +76,28 @@ def test_llama_data_free_and_tailor_policy(pico, tmp_path):
     assert all(s["data_free"] for layer in res.report.layers for s in layer.tensors.values())
 
 
-def test_llama_resume(pico, tmp_path, monkeypatch):
+def test_llama_resume(pico, tmp_path):
     """An interrupted run restarts from the last finished block (checkpoint per block), then cleans up."""
     from model_tailor.api import tailor
-    from model_tailor.pipeline import run as pipeline
+    from model_tailor.config import TailorConfig
+    from model_tailor.pipeline.run import run_tailor
 
     pair = pico("llama")
     out = tmp_path / "p.safetensors"
-    original = pipeline._Runner._tailor_target
-    calls = []
+    done = []
 
-    def flaky(self, t, H):
-        calls.append(t.name)
-        if ".layers.2." in t.name:
-            raise KeyboardInterrupt
-        return original(self, t, H)
+    def interrupt_after_first(block):
+        done.append(block)
+        raise KeyboardInterrupt  # as a Ctrl-C right after the first block is checkpointed
 
-    monkeypatch.setattr(pipeline._Runner, "_tailor_target", flaky)
+    cfg = TailorConfig.build(
+        base=pair.base, finetuned=pair.finetuned, calibration=pair.calibration, out=out, density=0.25, samples=4
+    )
     with pytest.raises(KeyboardInterrupt):
-        tailor(pair.base, pair.finetuned, pair.calibration, out=out, density=0.25, samples=4)
+        run_tailor(cfg, on_block_done=interrupt_after_first)
+    assert done == ["model.layers.1"]
     assert not out.exists()
     assert any(p.name.startswith(".p.safetensors.work-") for p in tmp_path.iterdir())
-    monkeypatch.setattr(pipeline._Runner, "_tailor_target", original)
     res = tailor(pair.base, pair.finetuned, pair.calibration, out=out, density=0.25, samples=4)
     resumed = {layer.block: layer.resumed for layer in res.report.layers}
     assert resumed == {"model.layers.1": True, "model.layers.2": False}

@@ -1,6 +1,7 @@
 """The model pipeline: real checkpoints in, a patch (and optionally a tailored model) out.
 
-``run`` is the one module that knows the order of stages. Below it: ``architectures`` (meta skeleton, block
+``run`` is the one module that knows the order of stages; ``blocks`` does one block list and one block at a
+time. Below them: ``architectures`` (meta skeleton, block
 discovery), ``targets`` (what is tailored, the policy for the rest), ``weights`` (streamed tensor values and their
 materialisation one module at a time), ``activations`` (calibration streams and per-block Hessians), ``adapter``
 (config to kernel call), ``preserve`` (original-ability data), ``planning`` (dry run), ``resume`` (per-block work

@@ -1,0 +1,286 @@
+"""Per-block mechanics of a run: capture a block list's inputs, then per block accumulate the Hessians, tailor
+each target and replay the tailored block (docs/METHOD.md §9). :mod:`model_tailor.pipeline.run` calls these
+stages in order; this module does not decide it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from model_tailor.calibration.capture import replace_hidden, run_block
+from model_tailor.calibration.data import CalibrationSet
+from model_tailor.config import TailorConfig
+from model_tailor.errors import ConfigError
+from model_tailor.io.checkpoint import CheckpointReader
+from model_tailor.kernel.masking import select_keep_masks_global
+from model_tailor.pipeline.activations import Stream, accumulate, capture_stream, reaching_batches
+from model_tailor.pipeline.adapter import tailor_tensor
+from model_tailor.pipeline.architectures import ModelLayout
+from model_tailor.pipeline.preserve import PreserveData
+from model_tailor.pipeline.report import LayerReport
+from model_tailor.pipeline.resume import WorkDir
+from model_tailor.pipeline.targets import TargetParam, TargetPlan
+from model_tailor.pipeline.weights import Materializer, SparseValues, WeightSource
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["BlockDone", "BlockRunner", "Prepared"]
+
+#: Called with a block's path once it is tailored and checkpointed (e.g. to stop a run there, as a test does).
+BlockDone = Callable[[str], None]
+
+
+@dataclass
+class Prepared:
+    """The opened checkpoints, the meta skeleton and the plan (stages 1-2 of the run)."""
+
+    base: CheckpointReader
+    finetuned: CheckpointReader
+    model: torch.nn.Module
+    layout: ModelLayout
+    to_ckpt: dict[str, str]
+    plan: TargetPlan
+    seconds: float
+
+
+def _device(cfg: TailorConfig) -> torch.device:
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device: {cfg.device!r} requested but CUDA is not available; use --device cpu")
+    return torch.device(cfg.device)
+
+
+class BlockRunner:
+    """State of one run; methods are the stages, called in order by :func:`~model_tailor.pipeline.run.run_tailor`.
+
+    ``on_block_done``: see :data:`BlockDone`.
+    """
+
+    def __init__(
+        self, cfg: TailorConfig, prep: Prepared, progress: bool, on_block_done: BlockDone | None = None
+    ) -> None:
+        self.cfg, self.prep, self.progress, self.on_block_done = cfg, prep, progress, on_block_done
+        self.device = _device(cfg)
+        self.dtype = getattr(torch, cfg.dtype)
+        self.source = WeightSource(prep.base, prep.finetuned, prep.plan, self._tailor_data_free)
+        self.mat = Materializer(prep.model, prep.to_ckpt, self.source, self.device, self.dtype)
+        self.layers: dict[str, LayerReport] = {}
+        self.data_free: dict[str, dict[str, Any]] = {}
+        self.warnings: list[str] = []
+        self.keep_masks: dict[str, torch.Tensor] = {}
+        self.workdir: WorkDir | None = None
+        self.preserve: PreserveData | None = None
+        self.block_paths = [bl.block_path(i) for bl in prep.layout.block_lists for i in range(bl.length)]
+        self._pending: LayerReport | None = None  # a tailored block's report until it is checkpointed
+
+    # -- kernel calls ---------------------------------------------------------------------------------------
+    def _kernel(
+        self,
+        name: str,
+        base: torch.Tensor,
+        ft: torch.Tensor,
+        H: torch.Tensor | None,
+        transposed: bool,
+        keep_mask: torch.Tensor | None = None,
+        H_o: torch.Tensor | None = None,
+    ) -> tuple[SparseValues, dict[str, Any]]:
+        b32, f32 = base.to(self.device, torch.float32), ft.to(self.device, torch.float32)
+        if transposed:  # GPT-2 Conv1D stores (in, out); the kernel wants (rows=out, cols=in) (docs/METHOD.md §1)
+            b32, f32 = b32.T.contiguous(), f32.T.contiguous()
+            keep_mask = keep_mask.T.contiguous() if keep_mask is not None else None
+        res, extra = tailor_tensor(b32, f32, H, H_o, self.cfg, keep_mask=keep_mask, name=name)
+        W, mask = (res.weight.T, res.keep_mask.T) if transposed else (res.weight, res.keep_mask)
+        stats = {**dataclasses.asdict(res.stats), **extra}
+        stats["data_free"] = H is None
+        sv = SparseValues.from_dense(base, W.to(base.dtype), mask)
+        if res.lowrank is not None:  # factors in checkpoint layout: (A B)^T = B^T A^T for Conv1D
+            A, B = (res.lowrank[1].T, res.lowrank[0].T) if transposed else res.lowrank
+            lowrank = (A.to("cpu", torch.float32).contiguous(), B.to("cpu", torch.float32).contiguous())
+            sv = dataclasses.replace(sv, lowrank=lowrank)
+        return sv, stats
+
+    def _tailor_data_free(self, name: str, base: torch.Tensor, ft: torch.Tensor) -> SparseValues:
+        """``tailor`` policy for Linears outside blocks: salience-only, no calibration (docs/METHOD.md §10)."""
+        nt = next(n for n in self.prep.plan.non_targets if n.name == name)
+        sv, stats = self._kernel(name, base, ft, None, nt.transposed)
+        self.data_free[name] = stats
+        return sv
+
+    def _warn(self, msg: str) -> None:
+        logger.warning("%s", msg)
+        self.warnings.append(msg)
+
+    def _tailor_target(self, t: TargetParam, H: torch.Tensor | None, H_o: torch.Tensor | None = None) -> dict[str, Any]:
+        base, ft = self.source.base.get(t.name), self.source.finetuned.get(t.name)
+        if H is None and not self.cfg.data_free:
+            self._warn(
+                f"{t.name}: received no calibration tokens; tailored data-free (salience only, uncompensated, sparse)"
+            )
+        elif H_o is None and self.preserve is not None:
+            self._warn(f"{t.name}: received no preserve tokens; tailored without the preserve term")
+        sv, stats = self._kernel(t.name, base, ft, H, t.transposed, self.keep_masks.pop(t.name, None), H_o)
+        self.source.tailored[t.name] = sv
+        return stats
+
+    # -- stages ---------------------------------------------------------------------------------------------
+    def global_masks(self) -> None:
+        """``granularity: global``: one threshold over all targets on salience |delta| (docs/METHOD.md §4, §7).
+
+        The fused score's sensitivity half needs the compensated weights of each block, which a global
+        threshold
+        cannot wait for; salience is the part of the score that is comparable across tensors. The masks are
+        then
+        fixed, and compensation runs on them as usual.
+        """
+        scores = {}
+        for t in self.prep.plan.targets:
+            scores[t.name] = (self.source.finetuned.get(t.name).float() - self.source.base.get(t.name).float()).abs()
+        self.keep_masks = select_keep_masks_global(scores, self.cfg.density)
+
+    def resume(self, workdir: WorkDir) -> None:
+        """Load the blocks a previous run with the same key finished (the key covers the inputs' bytes)."""
+        self.workdir = workdir
+        for bl, idx in self.prep.plan.block_order:
+            path = f"{bl}.{idx}"
+            loaded = self.workdir.load_block(path)
+            if loaded is None:
+                continue
+            tensors, layer = loaded
+            self.source.tailored.update(tensors)
+            for t in self.prep.plan.targets_in(bl, idx):
+                self.keep_masks.pop(t.name, None)
+            self.layers[path] = LayerReport(**{**layer, "resumed": True})
+        if self.layers:
+            logger.info("resuming: %d finished block(s) loaded from %s", len(self.layers), self.workdir.path)
+
+    def data_free_targets(self) -> None:
+        for t in self.prep.plan.targets:
+            path = f"{t.block_list}.{t.block}"
+            layer = self.layers.setdefault(path, LayerReport(path))
+            layer.tensors[t.name] = self._tailor_target(t, None)
+
+    def block_lists(self, calib: CalibrationSet) -> None:
+        model, plan = self.prep.model, self.prep.plan
+        nq = getattr(model.config, "num_query_tokens", 0) or 0
+        for bl in self.prep.layout.block_lists:
+            indices = [i for b, i in plan.block_order if b == bl.path]
+            if not indices:
+                continue
+            first, last = min(indices), max(indices)
+            t0 = time.perf_counter()
+            handles = self.mat.install_hooks(self.block_paths)
+            pstream = None
+            try:
+                stream = capture_stream(model, bl, first, calib.batches, nq, self.device, self.dtype)
+                if self.preserve is not None:  # earlier layers: base, or their non-target policy (preserve_stream)
+                    pbatches = reaching_batches(self.preserve.calib.batches, bl.role)
+                    if not pbatches:
+                        self._warn(f"{bl.path}: no preserve record has an image; its targets ignore preserve")
+                    else:
+                        pstream = capture_stream(model, bl, first, pbatches, nq, self.device, self.dtype)
+            finally:
+                for h in handles:
+                    h.remove()
+                self.mat.offload_all()
+            logger.info("captured inputs of %s in %.2fs", bl.block_path(first), time.perf_counter() - t0)
+            blocks = range(first, last + 1)
+            bar = _bar(blocks, f"tailor {bl.path}", self.progress)
+            for idx in bar:
+                stream, pstream = self.block(bl.path, idx, stream, pstream, last_in_list=idx == last)
+
+    def block(
+        self, list_path: str, idx: int, stream: Stream, pstream: Stream | None, last_in_list: bool
+    ) -> tuple[Stream, Stream | None]:
+        """One block: H_t on the target stream (fine-tuned targets); with preserve data, H_o and the next
+        preserve inputs from one pass with BASE target weights (docs/METHOD.md §14); tailor; replay the tailored
+        block."""
+        path = f"{list_path}.{idx}"
+        targets = self.prep.plan.targets_in(list_path, idx)
+        self.mat.load(path)
+        block = self.prep.model.get_submodule(path)
+        fresh = bool(targets) and path not in self.layers
+        try:
+            pstream = self._tailor_block(path, block, targets, fresh, stream, pstream, last_in_list)
+            if fresh or pstream is not None:
+                for t in targets:
+                    self.mat.set_weight(t.module, "weight", self.source.get(t.name))
+            if fresh:
+                self._block_done(path, targets)
+            if last_in_list:
+                return stream, pstream
+            t0 = time.perf_counter()
+            out = [replace_hidden(c, run_block(block, c).to(self.dtype)) for c in stream.calls]
+            if path in self.layers:
+                self.layers[path].seconds["propagate"] = time.perf_counter() - t0
+            return Stream(out, stream.masks), pstream
+        finally:
+            self.mat.offload(path)
+            self.source.release()
+
+    def _tailor_block(
+        self,
+        path: str,
+        block: torch.nn.Module,
+        targets: list[TargetParam],
+        fresh: bool,
+        stream: Stream,
+        pstream: Stream | None,
+        last_in_list: bool,
+    ) -> Stream | None:
+        """Hessians (and preserve Hessians) of the block's targets, then tailor them if ``fresh``; returns the
+        next preserve stream. The layer report goes to ``self._pending`` until the block is checkpointed."""
+        modules = {t.name: self.prep.model.get_submodule(t.module) for t in targets} if fresh else {}
+        layer, t_stats, p_stats = LayerReport(path), None, None
+        try:
+            if fresh:
+                t0 = time.perf_counter()
+                t_stats, _ = accumulate(block, modules, stream, self.device)
+                layer.seconds["hessian"] = time.perf_counter() - t0
+                layer.n_tokens = max((t_stats.n_tokens(t.name) for t in targets), default=0)
+            if pstream is not None:
+                t0 = time.perf_counter()
+                for t in targets:
+                    self.mat.set_weight(t.module, "weight", self.source.base.get(t.name))
+                p_stats, next_p = accumulate(
+                    block, modules, pstream, self.device, propagate_dtype=None if last_in_list else self.dtype
+                )
+                pstream = next_p or pstream
+                if fresh:
+                    layer.seconds["preserve"] = time.perf_counter() - t0
+                    layer.n_tokens_preserve = max((p_stats.n_tokens(t.name) for t in targets), default=0)
+            if fresh:
+                assert t_stats is not None
+                t0 = time.perf_counter()
+                for t in targets:
+                    H_o = None if p_stats is None else p_stats.hessian(t.name)
+                    layer.tensors[t.name] = self._tailor_target(t, t_stats.hessian(t.name), H_o)
+                layer.seconds["tailor"] = time.perf_counter() - t0
+                self._pending = layer
+        finally:
+            for st in (t_stats, p_stats):
+                if st is not None:
+                    st.close()
+        return pstream
+
+    def _block_done(self, path: str, targets: list[TargetParam]) -> None:
+        """Record the block's report, checkpoint its tailored tensors, then tell ``on_block_done``."""
+        layer, self._pending = self._pending, None
+        assert layer is not None and layer.block == path
+        self.layers[path] = layer
+        if self.workdir is not None:
+            tensors = {t.name: self.source.tailored[t.name] for t in targets}
+            self.workdir.save_block(path, tensors, dataclasses.asdict(layer))
+        if self.on_block_done is not None:
+            self.on_block_done(path)
+
+
+def _bar(items: Any, desc: str, enabled: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit="block", disable=not enabled, leave=False)
