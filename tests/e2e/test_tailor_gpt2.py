@@ -12,4 +12,4 @@ def test_gpt2_conv1d(tailor_and_check):
     assert [layer.block for layer in report.layers] == ["transformer.h.1"]
     # c_attn and mlp.c_fc read the same input as nothing else; c_attn's Hessian is (in, in) = 32 x 32
     stats = report.layers[0].tensors["transformer.h.1.attn.c_attn.weight"]
-    assert stats["data_free"] is False and stats["numel"] == 32 * 96
+    assert stats.data_free is False and stats.numel == 32 * 96

@@ -10,8 +10,8 @@ def test_instructblip_qformer_and_llm(tailor_and_check):
     assert blocks == ["qformer.encoder.layer.0", "qformer.encoder.layer.1", "language_model.model.layers.0"]
     stats = {n: s for layer in report.layers for n, s in layer.tensors.items()}
     # with instruction text in the Q-Former, the text-path FFN receives tokens too
-    assert stats["qformer.encoder.layer.0.intermediate.dense.weight"]["data_free"] is False
-    assert stats["qformer.encoder.layer.1.crossattention.attention.value.weight"]["data_free"] is False
+    assert stats["qformer.encoder.layer.0.intermediate.dense.weight"].data_free is False
+    assert stats["qformer.encoder.layer.1.crossattention.attention.value.weight"].data_free is False
 
 
 def test_instructblip_bfloat16_forward_and_global_granularity(pico):

@@ -26,7 +26,7 @@ def test_llama_keep_policy_and_row_granularity(tailor_and_check):
 def test_llama_compensation_switches(tailor_and_check, compensation):
     check = tailor_and_check("llama", compensation=compensation, granularity="tensor")
     stats = [s for layer in check.result.report.layers for s in layer.tensors.values()]
-    assert all(s["compensation"] == compensation for s in stats)
+    assert all(s.compensation == compensation for s in stats)
 
 
 def test_llama_global_granularity(pico, tmp_path):
@@ -73,7 +73,7 @@ def test_llama_data_free_and_tailor_policy(pico, tmp_path):
         out=tmp_path / "p.safetensors",
     )
     assert res.report.calibration == {"mode": "data-free"}
-    assert all(s["data_free"] for layer in res.report.layers for s in layer.tensors.values())
+    assert all(s.data_free for layer in res.report.layers for s in layer.tensors.values())
 
 
 def test_llama_resume(pico, tmp_path):

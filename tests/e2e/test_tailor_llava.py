@@ -25,4 +25,4 @@ def test_llava_tailor_policy_projector(tailor_and_check):
         "multi_modal_projector.linear_1.weight",
         "multi_modal_projector.linear_2.weight",
     }
-    assert all(s["data_free"] and s["kept"] == s["numel"] // 4 for s in free.values())
+    assert all(s.data_free and s.kept == s.numel // 4 for s in free.values())

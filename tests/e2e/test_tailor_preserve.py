@@ -50,7 +50,7 @@ def test_lambda_zero_equals_plain_and_lambda_trades_off(pico, preserve_file, arc
     assert plain.report.preserve == {} and zero.report.preserve["preserve_weight"] == 0.0
     for layer in one.report.layers:
         assert layer.n_tokens_preserve > 0
-        assert all(all(s[k] is not None for k in TRADEOFF) for s in layer.tensors.values())
+        assert all(all(getattr(s, k) is not None for k in TRADEOFF) for s in layer.tensors.values())
     # Fixture expectation, not a theorem: on these pico models lambda = 1 keeps the base outputs on the preserve
     # data better than lambda = 0 (~plain) after compensation, and pays on the target side.
     assert _total(one, "preserve_error_final") < _total(zero, "preserve_error_final")
@@ -112,7 +112,7 @@ def test_structures_write_v2_apply_and_fit_the_budget(pico, preserve_file, tmp_p
         params = tp.nnz + rank * (rows + cols)  # a rank-r pair costs r (rows + cols) parameters
         assert params <= FIELDS["density"] * rows * cols, (name, params)
         stats = next(layer.tensors[name] for layer in res.report.layers if name in layer.tensors)
-        assert (stats["structure"], stats["rank"], stats["params"]) == (structure, rank, params)
+        assert (stats.structure, stats.rank, stats.params) == (structure, rank, params)
     assert any(tp.lowrank is not None and tp.lowrank[0].shape[1] > 0 for tp in patch.tensors.values())
     if structure == "sparse+lowrank":
         assert any(patch.tensors[n].nnz for n in targets)

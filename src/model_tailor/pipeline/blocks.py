@@ -24,7 +24,7 @@ from model_tailor.pipeline.activations import Stream, accumulate, capture_stream
 from model_tailor.pipeline.adapter import tailor_tensor
 from model_tailor.pipeline.architectures import ModelLayout
 from model_tailor.pipeline.preserve import PreserveData
-from model_tailor.pipeline.report import LayerReport
+from model_tailor.pipeline.report import LayerReport, TensorRecord
 from model_tailor.pipeline.resume import WorkDir
 from model_tailor.pipeline.targets import TargetParam, TargetPlan
 from model_tailor.pipeline.weights import Materializer, SparseValues, WeightSource
@@ -71,7 +71,7 @@ class BlockRunner:
         self.source = WeightSource(prep.base, prep.finetuned, prep.plan, self._tailor_data_free)
         self.mat = Materializer(prep.model, prep.to_ckpt, self.source, self.device, self.dtype)
         self.layers: dict[str, LayerReport] = {}
-        self.data_free: dict[str, dict[str, Any]] = {}
+        self.data_free: dict[str, TensorRecord] = {}
         self.warnings: list[str] = []
         self.keep_masks: dict[str, torch.Tensor] = {}
         self.workdir: WorkDir | None = None
@@ -89,15 +89,14 @@ class BlockRunner:
         transposed: bool,
         keep_mask: torch.Tensor | None = None,
         H_o: torch.Tensor | None = None,
-    ) -> tuple[SparseValues, dict[str, Any]]:
+    ) -> tuple[SparseValues, TensorRecord]:
         b32, f32 = base.to(self.device, torch.float32), ft.to(self.device, torch.float32)
         if transposed:  # GPT-2 Conv1D stores (in, out); the kernel wants (rows=out, cols=in) (docs/METHOD.md §1)
             b32, f32 = b32.T.contiguous(), f32.T.contiguous()
             keep_mask = keep_mask.T.contiguous() if keep_mask is not None else None
         res, extra = tailor_tensor(b32, f32, H, H_o, self.cfg, keep_mask=keep_mask, name=name)
         W, mask = (res.weight.T, res.keep_mask.T) if transposed else (res.weight, res.keep_mask)
-        stats = {**dataclasses.asdict(res.stats), **extra}
-        stats["data_free"] = H is None
+        stats = TensorRecord(**dataclasses.asdict(res.stats), **extra, data_free=H is None)
         sv = SparseValues.from_dense(base, W.to(base.dtype), mask)
         if res.lowrank is not None:  # factors in checkpoint layout: (A B)^T = B^T A^T for Conv1D
             A, B = (res.lowrank[1].T, res.lowrank[0].T) if transposed else res.lowrank
@@ -116,7 +115,7 @@ class BlockRunner:
         logger.warning("%s", msg)
         self.warnings.append(msg)
 
-    def _tailor_target(self, t: TargetParam, H: torch.Tensor | None, H_o: torch.Tensor | None = None) -> dict[str, Any]:
+    def _tailor_target(self, t: TargetParam, H: torch.Tensor | None, H_o: torch.Tensor | None = None) -> TensorRecord:
         base, ft = self.source.base.get(t.name), self.source.finetuned.get(t.name)
         if H is None and not self.cfg.data_free:
             self._warn(
@@ -155,7 +154,7 @@ class BlockRunner:
             self.source.tailored.update(tensors)
             for t in self.prep.plan.targets_in(bl, idx):
                 self.keep_masks.pop(t.name, None)
-            self.layers[path] = LayerReport(**{**layer, "resumed": True})
+            self.layers[path] = LayerReport.from_json(layer, resumed=True)
         if self.layers:
             logger.info("resuming: %d finished block(s) loaded from %s", len(self.layers), self.workdir.path)
 
@@ -275,7 +274,7 @@ class BlockRunner:
         self.layers[path] = layer
         if self.workdir is not None:
             tensors = {t.name: self.source.tailored[t.name] for t in targets}
-            self.workdir.save_block(path, tensors, dataclasses.asdict(layer))
+            self.workdir.save_block(path, tensors, layer.to_json())
         if self.on_block_done is not None:
             self.on_block_done(path)
 

@@ -11,18 +11,45 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["LayerReport", "TailorPlan", "TailorReport"]
+from model_tailor.kernel.tailor import TailorStats
+
+__all__ = ["LayerReport", "TailorPlan", "TailorReport", "TensorRecord"]
 
 # Both halves of the preserve-aware objective (docs/METHOD.md §14), normalised H, masked and final weights.
 _TRADEOFF = ("target_error_masked", "target_error_final", "preserve_error_masked", "preserve_error_final")
 
 
+@dataclass(frozen=True)
+class TensorRecord(TailorStats):
+    """What happened to one tensor: the kernel's :class:`~model_tailor.kernel.tailor.TailorStats` plus the
+    pipeline's structure, rank, parameter count against the budget, the dual objective's trade-off errors (only
+    with preserve data) and whether it was tailored data-free."""
+
+    structure: str = "sparse"
+    rank: int = 0
+    params: int = 0
+    budget: float = 0.0
+    target_error_masked: float | None = None
+    target_error_final: float | None = None
+    preserve_error_masked: float | None = None
+    preserve_error_final: float | None = None
+    data_free: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        """The record as written to the report and the patch metadata; trade-off keys only where measured."""
+        out = dataclasses.asdict(self)
+        for key in _TRADEOFF:
+            if out[key] is None:
+                del out[key]
+        return out
+
+
 @dataclass
 class LayerReport:
-    """One block: ``tensors`` maps target name -> kernel stats (kept, numel, density, errors, used)."""
+    """One block: ``tensors`` maps target name -> :class:`TensorRecord`."""
 
     block: str
-    tensors: dict[str, dict[str, Any]] = field(default_factory=dict)
+    tensors: dict[str, TensorRecord] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     n_tokens: int = 0
     n_tokens_preserve: int = 0
@@ -30,25 +57,36 @@ class LayerReport:
 
     @property
     def kept(self) -> int:
-        return sum(int(s["kept"]) for s in self.tensors.values())
+        return sum(s.kept for s in self.tensors.values())
 
     @property
     def numel(self) -> int:
-        return sum(int(s["numel"]) for s in self.tensors.values())
+        return sum(s.numel for s in self.tensors.values())
 
     @property
     def params(self) -> int:
         """Patch parameters: sparse entries plus ``rank * (rows + cols)`` per low-rank pair (docs/METHOD.md §15)."""
-        return sum(int(s.get("params", s["kept"])) for s in self.tensors.values())
+        return sum(s.params for s in self.tensors.values())
 
     @property
     def budget(self) -> float:
         """Parameter budget ``density * rows * cols`` summed over the block's targets."""
-        return sum(float(s.get("budget", s["kept"])) for s in self.tensors.values())
+        return sum(float(s.budget) for s in self.tensors.values())
 
     def error(self, key: str) -> float | None:
-        vals = [s.get(key) for s in self.tensors.values()]
+        vals = [getattr(s, key) for s in self.tensors.values()]
         return None if not vals or any(v is None for v in vals) else float(sum(vals))
+
+    def to_json(self) -> dict[str, Any]:
+        """The fields as plain JSON (what the resume work files hold)."""
+        out = dataclasses.asdict(self)
+        out["tensors"] = {name: s.to_json() for name, s in self.tensors.items()}
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], **changes: Any) -> LayerReport:
+        tensors = {name: TensorRecord(**s) for name, s in data.get("tensors", {}).items()}
+        return cls(**{**data, "tensors": tensors, **changes})
 
 
 @dataclass
@@ -92,7 +130,7 @@ class TailorReport:
     config: dict[str, Any]
     plan: TailorPlan
     layers: list[LayerReport] = field(default_factory=list)
-    data_free: dict[str, dict[str, Any]] = field(default_factory=dict)
+    data_free: dict[str, TensorRecord] = field(default_factory=dict)
     calibration: dict[str, Any] = field(default_factory=dict)
     preserve: dict[str, Any] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
@@ -110,7 +148,7 @@ class TailorReport:
     def to_json(self) -> dict[str, Any]:
         layers = []
         for layer in self.layers:
-            d = dataclasses.asdict(layer)
+            d = layer.to_json()
             d.update(
                 kept=layer.kept,
                 numel=layer.numel,
@@ -125,7 +163,7 @@ class TailorReport:
             "config": self.config,
             "plan": dataclasses.asdict(self.plan),
             "layers": layers,
-            "data_free": self.data_free,
+            "data_free": {name: s.to_json() for name, s in self.data_free.items()},
             "calibration": self.calibration,
             "preserve": self.preserve,
             "seconds": self.seconds,
@@ -141,7 +179,7 @@ class TailorReport:
     def to_text(self) -> str:
         density = self.kept / self.numel if self.numel else 0.0
         dual = bool(self.preserve)
-        structured = any(s.get("rank") for layer in self.layers for s in layer.tensors.values())
+        structured = any(s.rank for layer in self.layers for s in layer.tensors.values())
         head = f"{'block':<44} {'kept':>10} {'err masked':>12} {'err comp':>12}"
         if dual:  # the trade-off of the dual objective per layer: target vs preserve side, masked -> final
             head += f" {'tgt masked':>11} {'tgt final':>11} {'pres masked':>11} {'pres final':>11}"

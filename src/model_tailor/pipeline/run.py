@@ -152,7 +152,8 @@ def _run(cfg: TailorConfig, progress: bool, workdir: WorkDir | None, on_block_do
         seconds=seconds,
         warnings=runner.warnings,
     )
-    stats = {**{n: s for layer in layers for n, s in layer.tensors.items()}, **runner.data_free}
+    records = {**{n: s for layer in layers for n, s in layer.tensors.items()}, **runner.data_free}
+    stats = {name: s.to_json() for name, s in records.items()}
     report.calibration = calibration_info(cfg, calib)
     if runner.preserve is not None:
         report.preserve = runner.preserve.info
