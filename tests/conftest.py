@@ -408,6 +408,15 @@ FACTORIES = {
 }
 
 
+def pytest_collection_modifyitems(config, items):
+    """Every test under ``tests/e2e`` is ``slow``: ``pytest -m "not slow"`` is the quick loop while editing;
+    ``make test`` (and CI) runs everything."""
+    e2e = Path(__file__).parent / "e2e"
+    for item in items:
+        if e2e in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def pico(tmp_path_factory):
     """``pico(arch) -> PicoPair``, built once per session per architecture."""

@@ -10,9 +10,6 @@ for transformers until a model-level function is used.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 __version__ = "0.1.0"
 
 _EXPORTS = {
@@ -43,7 +40,9 @@ _EXPORTS = {
 __all__ = ["__version__", *sorted(_EXPORTS)]
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
+    import importlib  # here, not at the top: the CLI's start-up imports only what it must (see __main__)
+
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'model_tailor' has no attribute {name!r}")

@@ -75,13 +75,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; no partial output was left behind", file=sys.stderr)
         return 130
-    except Exception as err:
+    except (SystemExit, GeneratorExit):
+        raise
+    except BaseException as err:  # also non-Exception errors, e.g. pyo3's PanicException when Ctrl-C lands in an import
         if debug:
             raise
         return _report(prog, err)
 
 
-def _report(prog: str, err: Exception) -> int:
+def _report(prog: str, err: BaseException) -> int:
     """Print ``err`` as one line; a :class:`ModelTailorError` is expected, anything else names its type."""
     from model_tailor.errors import ModelTailorError
 

@@ -96,6 +96,50 @@ def test_ctrl_c_is_one_line_exit_130(monkeypatch, capsys, where):
     assert rc == 130 and "interrupted" in line
 
 
+def test_non_exception_error_is_one_line(monkeypatch, capsys):
+    """A BaseException that is not an Exception (pyo3's PanicException, raised when Ctrl-C lands inside
+    pydantic_core's import) is still one line, exit 1."""
+
+    class Panic(BaseException):
+        pass
+
+    def panic(*_args, **_kwargs):
+        raise Panic("failed to import `datetime` C API")
+
+    monkeypatch.setattr(cli, "build_parser", panic)
+    rc, line = _one_line(capsys, ["list"], "model-tailor list")
+    assert rc == 1 and line == (
+        "model-tailor list: error: Panic: failed to import `datetime` C API (run with --debug for the traceback)"
+    )
+
+
+_STARTUP = """
+import os, signal, sys
+import model_tailor.__main__ as entry
+if sys.argv[1] == "during-start-up":
+    os.kill(os.getpid(), signal.SIGINT)  # the console script has imported the entry, not the CLI yet
+    signal.pause()
+import model_tailor.cli as cli
+cli.main = lambda: print(signal.getsignal(signal.SIGINT) is signal.default_int_handler) or 0
+sys.exit(entry.run())
+"""
+
+
+@pytest.mark.parametrize("when", ["during-start-up", "handed-to-main"])
+def test_entry_point_start_up_handler(when):
+    """Ctrl-C between the entry point's first line and ``main`` is the one line, exit 130 (no traceback); ``run``
+    gives Python's own handler back to ``main``, which turns KeyboardInterrupt into its message."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _STARTUP, when], capture_output=True, text=True, timeout=60)
+    if when == "during-start-up":
+        assert (done.returncode, done.stdout) == (130, "")
+        assert done.stderr == "model-tailor: interrupted during start-up; nothing was written\n"
+    else:
+        assert (done.returncode, done.stdout, done.stderr) == (0, "True\n", "")
+
+
 def _subparsers() -> dict[str, argparse.ArgumentParser]:
     return next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
 
