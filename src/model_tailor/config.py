@@ -78,6 +78,11 @@ class TailorConfig(BaseModel):
         description="keep a tensor's plainly masked weights when they reconstruct its layer output better than the "
         "compensated ones",
     )
+    group_modules: bool = Field(
+        True,
+        description="tailor modules that share one input (q/k/v, gate/up) with one factorisation and one sweep; "
+        "the per-module result to fp32 rounding (sparse runs without preserve; others go one module at a time)",
+    )
     block_size: int = Field(
         128, gt=0, description="column block width of the scores, the block granularity and the sweep"
     )

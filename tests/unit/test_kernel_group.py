@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model_tailor.errors import ShapeMismatchError
+from model_tailor.errors import NumericalError, ShapeMismatchError
 from model_tailor.kernel.group import GroupMember, tailor_group
 from model_tailor.kernel.tailor import tailor_weight
 
@@ -104,3 +104,13 @@ def test_one_member_and_mismatched_columns():
     bad = [*_members(rows=(4,)), GroupMember(torch.zeros(4, COLS + 1), torch.ones(4, COLS + 1), name="wide")]
     with pytest.raises(ShapeMismatchError, match="wide"):
         tailor_group(bad, H)
+
+
+def test_overflowing_sweep_is_a_numerical_error_naming_the_member():
+    """Finite inputs whose decoration overflows fp32 are refused, as tailor_weight refuses them."""
+    H, base = _spd(cols=8), torch.full((4, 8), 3e38)
+    with pytest.raises(NumericalError, match="tailored weight"):
+        tailor_weight(base, -base, H, density=0.5, guard=False, name="big")
+    members = [GroupMember(base, -base, name="big"), GroupMember(base, -base, name="other")]
+    with pytest.raises(NumericalError, match="big: tailored weight contains NaN or Inf"):
+        tailor_group(members, H, density=0.5, guard=False)

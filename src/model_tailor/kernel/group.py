@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from model_tailor.errors import NumericalError
 from model_tailor.kernel.compensation import compute_dtype, obs_sweep
 from model_tailor.kernel.hessian import DampedFactor, factor_hessian, fp32_precision
 from model_tailor.kernel.masking import select_keep_mask
@@ -130,6 +131,8 @@ def _tailor_stacked(members: Sequence[GroupMember], hessian: Tensor, timing: str
         own = _Clock(device)
         own.seconds = {k: v * share for k, v in clock.seconds.items()}
         stats = _stats(m.base, keep, errors, used, opts["compensation"], timing, factor, own, m.name)
+        if not bool(torch.isfinite(W_final).all()):  # tailor_weight's check, per member
+            raise NumericalError(f"{m.name or 'tensor'}: tailored weight contains NaN or Inf", layer=m.name)
         weight = torch.where(keep, W_final.to(m.base.dtype), m.base)
         out.append(TailoredWeight(weight=weight, keep_mask=keep, stats=stats))
     return out

@@ -1,25 +1,29 @@
-"""From the run's config to one kernel call per tensor: plain, preserve-aware and/or structured.
+"""From the run's config to the kernel calls: one per tensor (plain, preserve-aware and/or structured), or one
+per group of tensors that share an input.
 
 The pipeline hands each target ``(base, finetuned, H_t[, H_o])`` here; this module turns the config's options into
 the kernel's arguments (:func:`~model_tailor.kernel.tailor_weight` or
 :func:`~model_tailor.kernel.tailor_weight_structured`, with ``target=W*`` from
-:func:`~model_tailor.kernel.preserve_target` when preserve data is given) and the report's per-tensor extras.
+:func:`~model_tailor.kernel.preserve_target` when preserve data is given;
+:func:`~model_tailor.kernel.group.tailor_group` for a shared-input group) and the report's per-tensor extras.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from model_tailor.config import TailorConfig
 from model_tailor.kernel.compensation import reconstruction_error
+from model_tailor.kernel.group import GroupMember, tailor_group
 from model_tailor.kernel.hessian import normalize_hessian
 from model_tailor.kernel.objective import preserve_target
 from model_tailor.kernel.structure import tailor_weight_structured
 from model_tailor.kernel.tailor import TailoredWeight, tailor_weight
 
-__all__ = ["tailor_tensor"]
+__all__ = ["tailor_shared", "tailor_tensor"]
 
 
 def tailor_tensor(
@@ -45,15 +49,7 @@ def tailor_tensor(
         the masked weights, i.e. kept entries at the reconstruction target without compensation, and the final).
     """
     free = H_t is None
-    options: dict[str, Any] = dict(
-        alpha=1.0 if free else cfg.alpha,
-        block_size=cfg.block_size,
-        compensation="none" if free else cfg.compensation,
-        granularity="block" if cfg.granularity == "global" else cfg.granularity,
-        sensitivity=cfg.sensitivity,
-        mask_timing=cfg.mask_timing,
-        guard=cfg.guard,
-    )
+    options = _options(cfg, free)
     target, H = None, H_t
     if H_o is not None and H_t is not None:
         target, H = preserve_target(base, finetuned, H_t, H_o, cfg.preserve_weight, percdamp=cfg.percdamp)
@@ -85,17 +81,57 @@ def tailor_tensor(
             name=name,
             **options,
         )
-    rows, cols = base.shape
+    extra = _extra(res, cfg, structure, base.shape)
+    if H_o is not None and H_t is not None:
+        extra.update(_tradeoff(base, finetuned, target, res, normalize_hessian(H_t), normalize_hessian(H_o)))
+    return res, extra
+
+
+def tailor_shared(
+    bases: Sequence[torch.Tensor],
+    finetuneds: Sequence[torch.Tensor],
+    H_t: torch.Tensor,
+    cfg: TailorConfig,
+    *,
+    keep_masks: Sequence[torch.Tensor | None],
+    names: Sequence[str],
+) -> list[tuple[TailoredWeight, dict[str, Any]]]:
+    """:func:`tailor_tensor` of modules sharing one input Hessian ``H_t``, in one kernel call
+    (:func:`~model_tailor.kernel.group.tailor_group`: one factor, one sweep over the stacked rows).
+
+    Only for what that call covers: sparse structure, no preserve term, calibration data (the caller checks,
+    :func:`~model_tailor.pipeline.groups.can_group`). Results equal the per-module calls: same masks, weights
+    to fp32 rounding."""
+    members = [
+        GroupMember(b, f, name=n, keep_mask=k) for b, f, n, k in zip(bases, finetuneds, names, keep_masks, strict=True)
+    ]
+    results = tailor_group(members, H_t, density=cfg.density, percdamp=cfg.percdamp, **_options(cfg, False))
+    return [(res, _extra(res, cfg, "sparse", m.base.shape)) for res, m in zip(results, members, strict=True)]
+
+
+def _options(cfg: TailorConfig, free: bool) -> dict[str, Any]:
+    """The kernel options of one run's config; the data-free mode is salience-only and uncompensated."""
+    return dict(
+        alpha=1.0 if free else cfg.alpha,
+        block_size=cfg.block_size,
+        compensation="none" if free else cfg.compensation,
+        granularity="block" if cfg.granularity == "global" else cfg.granularity,
+        sensitivity=cfg.sensitivity,
+        mask_timing=cfg.mask_timing,
+        guard=cfg.guard,
+    )
+
+
+def _extra(res: TailoredWeight, cfg: TailorConfig, structure: str, shape: tuple[int, ...]) -> dict[str, Any]:
+    """The report's structure, rank and parameter count against the budget ``density * rows * cols``."""
+    rows, cols = shape
     rank = 0 if res.lowrank is None else int(res.lowrank[0].shape[1])
-    extra: dict[str, Any] = {
+    return {
         "structure": structure,
         "rank": rank,
         "params": res.stats.kept + rank * (rows + cols),
         "budget": cfg.density * rows * cols,
     }
-    if H_o is not None and H_t is not None:
-        extra.update(_tradeoff(base, finetuned, target, res, normalize_hessian(H_t), normalize_hessian(H_o)))
-    return res, extra
 
 
 def _tradeoff(

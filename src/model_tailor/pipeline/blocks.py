@@ -5,7 +5,6 @@ stages in order; this module does not decide it.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -21,8 +20,8 @@ from model_tailor.errors import ConfigError
 from model_tailor.io.checkpoint import CheckpointReader
 from model_tailor.kernel.masking import select_keep_masks_global
 from model_tailor.pipeline.activations import Stream, accumulate, capture_stream, reaching_batches
-from model_tailor.pipeline.adapter import tailor_tensor
 from model_tailor.pipeline.architectures import ModelLayout
+from model_tailor.pipeline.groups import KernelInput, can_group, shared_input_groups, tailor_one, tailor_together
 from model_tailor.pipeline.preserve import PreserveData
 from model_tailor.pipeline.report import LayerReport, TensorRecord
 from model_tailor.pipeline.resume import WorkDir
@@ -90,19 +89,7 @@ class BlockRunner:
         keep_mask: torch.Tensor | None = None,
         H_o: torch.Tensor | None = None,
     ) -> tuple[SparseValues, TensorRecord]:
-        b32, f32 = base.to(self.device, torch.float32), ft.to(self.device, torch.float32)
-        if transposed:  # GPT-2 Conv1D stores (in, out); the kernel wants (rows=out, cols=in) (docs/METHOD.md §1)
-            b32, f32 = b32.T.contiguous(), f32.T.contiguous()
-            keep_mask = keep_mask.T.contiguous() if keep_mask is not None else None
-        res, extra = tailor_tensor(b32, f32, H, H_o, self.cfg, keep_mask=keep_mask, name=name)
-        W, mask = (res.weight.T, res.keep_mask.T) if transposed else (res.weight, res.keep_mask)
-        stats = TensorRecord(**dataclasses.asdict(res.stats), **extra, data_free=H is None)
-        sv = SparseValues.from_dense(base, W.to(base.dtype), mask)
-        if res.lowrank is not None:  # factors in checkpoint layout: (A B)^T = B^T A^T for Conv1D
-            A, B = (res.lowrank[1].T, res.lowrank[0].T) if transposed else res.lowrank
-            lowrank = (A.to("cpu", torch.float32).contiguous(), B.to("cpu", torch.float32).contiguous())
-            sv = dataclasses.replace(sv, lowrank=lowrank)
-        return sv, stats
+        return tailor_one(KernelInput(name, base, ft, transposed, keep_mask), H, H_o, self.cfg, self.device)
 
     def _tailor_data_free(self, name: str, base: torch.Tensor, ft: torch.Tensor) -> SparseValues:
         """``tailor`` policy for Linears outside blocks: salience-only, no calibration (docs/METHOD.md §10)."""
@@ -126,6 +113,30 @@ class BlockRunner:
         sv, stats = self._kernel(t.name, base, ft, H, t.transposed, self.keep_masks.pop(t.name, None), H_o)
         self.source.tailored[t.name] = sv
         return stats
+
+    def _tailor_group(
+        self, group: list[TargetParam], H: torch.Tensor | None, H_o: dict[str, torch.Tensor | None]
+    ) -> dict[str, TensorRecord]:
+        """Targets sharing the input Hessian ``H``: one grouped kernel call where it covers the run
+        (:func:`~model_tailor.pipeline.groups.can_group`), else one call per target."""
+        if not can_group(self.cfg, H, [t.transposed for t in group]):
+            return {t.name: self._tailor_target(t, H, H_o[t.name]) for t in group}
+        assert H is not None
+        items = [
+            KernelInput(
+                t.name,
+                self.source.base.get(t.name),
+                self.source.finetuned.get(t.name),
+                t.transposed,
+                self.keep_masks.pop(t.name, None),
+            )
+            for t in group
+        ]
+        records = {}
+        for t, (sv, record) in zip(group, tailor_together(items, H, self.cfg, self.device), strict=True):
+            self.source.tailored[t.name] = sv
+            records[t.name] = record
+        return records
 
     # -- stages ---------------------------------------------------------------------------------------------
     def global_masks(self) -> None:
@@ -256,9 +267,11 @@ class BlockRunner:
             if fresh:
                 assert t_stats is not None
                 t0 = time.perf_counter()
-                for t in targets:
-                    H_o = None if p_stats is None else p_stats.hessian(t.name)
-                    layer.tensors[t.name] = self._tailor_target(t, t_stats.hessian(t.name), H_o)
+                H_o = {t.name: None if p_stats is None else p_stats.hessian(t.name) for t in targets}
+                by_name, records = {t.name: t for t in targets}, {}
+                for names in shared_input_groups(list(by_name), t_stats.groups):  # q/k/v, gate/up share one
+                    records.update(self._tailor_group([by_name[n] for n in names], t_stats.hessian(names[0]), H_o))
+                layer.tensors.update((t.name, records[t.name]) for t in targets)
                 layer.seconds["tailor"] = time.perf_counter() - t0
                 self._pending = layer
         finally:
