@@ -106,16 +106,21 @@ def _layer_shapes(shape: Shape, i: int) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def _shards(shape: Shape, layers: int) -> list[tuple[str, dict[str, tuple[int, ...]], bool]]:
-    """``(file, name -> shape, changed)`` per shard: the decoder layers change, embeddings and head do not."""
+def _shards(shape: Shape, layers: int, changed: int | None) -> list[tuple[str, dict[str, tuple[int, ...]], bool]]:
+    """``(file, name -> shape, changed)`` per shard: the last ``changed`` decoder layers (all for None) change,
+    embeddings and head do not."""
     outer = {"model.embed_tokens.weight": (shape.vocab, shape.hidden), "model.norm.weight": (shape.hidden,)}
+    first = 0 if changed is None else layers - changed
     shards = [("embed.safetensors", outer, False)]
-    shards += [(f"layer-{i:03d}.safetensors", _layer_shapes(shape, i), True) for i in range(layers)]
+    shards += [(f"layer-{i:03d}.safetensors", _layer_shapes(shape, i), i >= first) for i in range(layers)]
     return [*shards, ("head.safetensors", {"lm_head.weight": (shape.vocab, shape.hidden)}, False)]
 
 
-def write_pair(root: Path, shape: Shape, layers: int, *, seed: int = 0, delta: float = 0.002) -> tuple[Path, Path]:
-    """Write ``root/base`` and ``root/finetuned`` (bf16, one shard at a time); returns both folders."""
+def write_pair(
+    root: Path, shape: Shape, layers: int, *, seed: int = 0, delta: float = 0.002, changed: int | None = None
+) -> tuple[Path, Path]:
+    """Write ``root/base`` and ``root/finetuned`` (bf16, one shard at a time); returns both folders. The linears
+    of the last ``changed`` decoder layers differ (every decoder layer for None)."""
     from safetensors.torch import save_file
 
     folders = root / "base", root / "finetuned"
@@ -127,7 +132,7 @@ def write_pair(root: Path, shape: Shape, layers: int, *, seed: int = 0, delta: f
     gen = torch.Generator().manual_seed(seed)
     weight_map: dict[str, str] = {}
     sizes = [0, 0]
-    for file, names, changed in _shards(shape, layers):
+    for file, names, tuned in _shards(shape, layers, changed):
         base, ft = {}, {}
         for name, dims in names.items():
             if len(dims) == 1:
@@ -135,7 +140,7 @@ def write_pair(root: Path, shape: Shape, layers: int, *, seed: int = 0, delta: f
             else:
                 b = torch.randn(dims, generator=gen).mul_(dims[1] ** -0.5)
             base[name] = b.to(torch.bfloat16)
-            linear = changed and len(dims) == 2  # the decoder linears change; norms, embeddings and head do not
+            linear = tuned and len(dims) == 2  # the decoder linears change; norms, embeddings and head do not
             ft[name] = (b.add_(torch.randn(dims, generator=gen), alpha=delta) if linear else b).to(torch.bfloat16)
             weight_map[name] = file
             del b
