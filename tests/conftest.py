@@ -526,3 +526,27 @@ def _forward_batch(pair: PicoPair) -> dict[str, torch.Tensor]:
         model_cls=pair.model_cls,
     )
     return cal.batches[-1].inputs
+
+
+@pytest.fixture(scope="session")
+def second_llama(pico, tmp_path_factory) -> Path:
+    """A second fine-tune of the pico Llama's base, for multi-task runs: the base checkpoint with seeded noise on
+    decoder layers 0 and 1 (the first fine-tune changes layers 1 and 2), config and tokenizer copied."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from model_tailor.io.checkpoint import CheckpointReader
+
+    pair = pico("llama")
+    folder = tmp_path_factory.mktemp("pico-llama-second") / "second"
+    shutil.copytree(pair.base, folder)
+    reader = CheckpointReader(folder)
+    state = {n: reader.get(n).clone() for n in reader.names()}
+    reader.close()
+    g = torch.Generator().manual_seed(2)
+    for name, t in state.items():
+        if "layers.0." in name or "layers.1." in name:
+            t.add_(torch.randn(t.shape, generator=g) * 0.02)
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 from model_tailor.config import TailorConfig
@@ -11,11 +12,13 @@ from model_tailor.pipeline.run import TailorResult, plan_tailor, run_tailor
 
 __all__ = ["plan", "tailor"]
 
+PathLike = str | os.PathLike[str]
+
 
 def tailor(
-    base: str | os.PathLike[str],
-    finetuned: str | os.PathLike[str],
-    calibration: str | os.PathLike[str] | None,
+    base: PathLike,
+    finetuned: PathLike | Sequence[PathLike],
+    calibration: PathLike | Sequence[PathLike] | None,
     *,
     out: str | os.PathLike[str] | None = None,
     save_model: str | os.PathLike[str] | None = None,
@@ -27,9 +30,10 @@ def tailor(
     Args:
         base: folder (or ``.safetensors`` file) of the pre-trained model.
         finetuned: folder of the fine-tuned model (its config, tokenizer and processor render the
-        calibration data).
-        calibration: JSONL of target-task records; None only in the data-free mode (``alpha=1,
-        compensation="none"``).
+        calibration data); a list of several fine-tunes of ``base`` makes one joint multi-task patch
+        (docs/METHOD.md §12).
+        calibration: JSONL of target-task records; with several fine-tunes a list in their order, or one file
+        shared by all; None only in the data-free mode (``alpha=1, compensation="none"``).
         out: patch file to write (``<out>.report.json`` beside it). None keeps the result in memory only.
         save_model: folder for the full tailored model (written atomically, shard by shard).
         progress: tqdm bars on stderr.
@@ -50,9 +54,9 @@ def tailor(
 
 
 def plan(
-    base: str | os.PathLike[str],
-    finetuned: str | os.PathLike[str],
-    calibration: str | os.PathLike[str] | None,
+    base: PathLike,
+    finetuned: PathLike | Sequence[PathLike],
+    calibration: PathLike | Sequence[PathLike] | None,
     **fields: Any,
 ) -> TailorPlan:
     """The dry-run plan of :func:`tailor` (targets, non-target actions, layer order, estimates)."""

@@ -5,7 +5,9 @@ NaN) z-score on flat rows, exact keep counts, masks and positions applied while 
 and changed tensors outside the targets reset to base. YAML files hold the same fields as the CLI flags (the
 ``tailor`` flags are generated from these fields and their descriptions); an unknown key is an error, never
 ignored.
-The allowed values of choice options live in :mod:`model_tailor.options`, shared with the kernel.
+The allowed values of choice options live in :mod:`model_tailor.options`, shared with the kernel. ``preset``
+names a partial config (:data:`PRESETS`) applied under every explicit value, so the paper's method stays one
+switch away when the defaults move.
 """
 
 from __future__ import annotations
@@ -21,22 +23,52 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from model_tailor.errors import ConfigError
 from model_tailor.options import (
     DEFAULT_MAX_SHARD_BYTES,
+    IMAGE_PROMPTS,
+    SELF_PRESERVE_MODES,
     Compensation,
     DType,
     Granularity,
     MaskTiming,
     NonTargetPolicy,
+    Preset,
     SalienceSource,
     Sensitivity,
     Structure,
     default_cache_dir,
 )
 
-__all__ = ["TailorConfig", "format_validation_error"]
+__all__ = ["PRESETS", "TailorConfig", "format_validation_error"]
 
 # lambda of the preserve-aware objective; 0.3-1 worked at density 0.1 in the first measurements. One constant,
 # so the default moves in one place once the bench grid settles it.
 DEFAULT_PRESERVE_WEIGHT = 1.0
+
+# Named partial configs, applied before explicit values (a YAML key or a flag wins over its preset). Values are
+# written out, never read from the defaults: "paper" is Model Tailor as the paper describes it (docs/METHOD.md
+# §2-§9, with the corrections of §16), today equal to the defaults of these fields
+# (tests/unit/test_config_preset.py pins both), and it stays so when the defaults change.
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {
+        "density": 0.1,
+        "alpha": 0.8,
+        "granularity": "block",
+        "compensation": "obs",
+        "sensitivity": "weight",
+        "mask_timing": "adaptive",
+        "guard": True,
+        "group_modules": True,
+        "block_size": 128,
+        "percdamp": 0.01,
+        "samples": 128,
+        "max_tokens": 512,
+        "include": (),
+        "exclude": (),
+        "non_target_policy": "reset",
+        "preserve": None,
+        "structure": "sparse",
+        "salience_from": "delta",
+    },
+}
 
 
 class TailorConfig(BaseModel):
@@ -44,10 +76,22 @@ class TailorConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    preset: Preset | None = Field(
+        None,
+        description="named option set applied under every explicit flag or config key: paper (the paper's method: "
+        "sparse OBS-compensated patch, no preserve term; see README)",
+    )
     base: Path = Field(description="pre-trained model folder")
-    finetuned: Path = Field(description="fine-tuned model folder (its tokenizer/processor render the calibration)")
-    calibration: Path | None = Field(
-        None, description="JSONL of target-task records: text | prompt/response | messages (+image)"
+    # Several fine-tunes of the base make one joint patch (docs/METHOD.md §12): a list, one calibration file each
+    # (or one shared by all); a single value is the plain run.
+    finetuned: Path | tuple[Path, ...] = Field(
+        description="fine-tuned model folder (its tokenizer/processor render the calibration); several give one "
+        "joint multi-task patch"
+    )
+    calibration: Path | tuple[Path, ...] | None = Field(
+        None,
+        description="JSONL of target-task records: text | prompt/response | messages (+image); with several "
+        "fine-tunes one file each, in their order, or one shared by all",
     )
     out: Path | None = Field(
         None, description="patch file to write (.safetensors); the report goes to <out>.report.json"
@@ -102,14 +146,27 @@ class TailorConfig(BaseModel):
     # Preserve-aware tailoring: lambda weighs ||(W - W_pre) X_o||^2 on original-ability inputs X_o.
     preserve: str | None = Field(
         None,
-        description="original-ability data: a JSONL file (calibration record forms) or 'self' (the base model "
-        "answers shipped generic instructions); adds lambda ||(W - W_pre) X_o||^2 to each layer's objective",
+        description="original-ability data: a JSONL file (calibration record forms), 'self' (the base model "
+        "answers the calibration inputs and shipped generic instructions) or 'self-generic' (the shipped "
+        "instructions only); adds lambda ||(W - W_pre) X_o||^2 to each layer's objective",
     )
     preserve_weight: float = Field(
         DEFAULT_PRESERVE_WEIGHT, ge=0, allow_inf_nan=False, description="lambda of the preserve term, >= 0"
     )
-    preserve_samples: int = Field(64, gt=0, description="preserve records used")
+    preserve_samples: int = Field(
+        64, gt=0, description="preserve records used from a file; generic instructions answered for 'self'"
+    )
     preserve_max_new_tokens: int = Field(48, gt=0, description="answer length the base generates for 'self'")
+    preserve_calibration_records: int = Field(
+        32, gt=0, description="calibration records (a seeded sample) whose inputs the base answers for 'self'"
+    )
+    preserve_image_prompts: int = Field(
+        2,
+        gt=0,
+        le=len(IMAGE_PROMPTS),
+        description=f"generic prompts the base answers about each calibration image for 'self' (a seeded choice "
+        f"of {len(IMAGE_PROMPTS)} fixed ones)",
+    )
     # One parameter budget (density * rows * cols; a rank-r pair costs r * (rows + cols)). Low-rank factors are
     # fitted in closed form whatever ``compensation`` says; it applies to the sparse part.
     structure: Structure = Field(
@@ -147,6 +204,58 @@ class TailorConfig(BaseModel):
             return (value,)
         return tuple(value) if isinstance(value, list) else value
 
+    @field_validator("finetuned", "calibration", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        """A list of one is that one value (the plain run); two or more are a tuple (multi-task)."""
+        if isinstance(value, (list, tuple)):
+            if not value:
+                raise ValueError("needs at least one path")
+            return value[0] if len(value) == 1 else tuple(value)
+        return value
+
+    @model_validator(mode="after")
+    def _check_tasks(self) -> TailorConfig:
+        """Several fine-tunes: one calibration file each (or one shared), and only the options the joint objective
+        defines (docs/METHOD.md §12)."""
+        n_ft, calib = len(self.finetuned_paths), self.calibration
+        n_cal = len(calib) if isinstance(calib, tuple) else 1
+        if n_cal > 1 and n_cal != n_ft:
+            raise ValueError(
+                f"calibration: {n_cal} files for {n_ft} fine-tuned checkpoint(s); give one file per fine-tune, in "
+                "the same order, or one file shared by all"
+            )
+        if n_ft == 1:
+            return self
+        refused = {
+            "the data-free mode (alpha=1 with compensation=none)": self.data_free,
+            "granularity 'global' (it ranks each delta before any Hessian)": self.granularity == "global",
+            f"non_target_policy {self.non_target_policy!r} (it needs one fine-tuned value per tensor)": (
+                self.non_target_policy != "reset"
+            ),
+            f"preserve {self.preserve!r} (it generates from one calibration file)": self.self_preserve,
+        }
+        for what, bad in refused.items():
+            if bad:
+                raise ValueError(f"several fine-tuned checkpoints (a joint patch) cannot use {what}")
+        return self
+
+    @property
+    def finetuned_paths(self) -> tuple[Path, ...]:
+        """Every fine-tuned checkpoint, in task order (one for the plain run)."""
+        return self.finetuned if isinstance(self.finetuned, tuple) else (self.finetuned,)
+
+    @property
+    def calibration_paths(self) -> tuple[Path | None, ...]:
+        """The calibration file of each fine-tune, in task order (a shared file repeated)."""
+        calib = self.calibration
+        return calib if isinstance(calib, tuple) else (calib,) * len(self.finetuned_paths)
+
+    @property
+    def multitask(self) -> bool:
+        """Several fine-tunes, one joint patch (docs/METHOD.md §12)."""
+        return isinstance(self.finetuned, tuple)
+
     @model_validator(mode="after")
     def _check_combination(self) -> TailorConfig:
         if self.calibration is None and not self.data_free:
@@ -174,8 +283,21 @@ class TailorConfig(BaseModel):
     @classmethod
     def _check_preserve(cls, value: str | None) -> str | None:
         if value is not None and not value.strip():
-            raise ValueError("preserve must be a JSONL file path or 'self', got an empty string")
+            raise ValueError("preserve must be a JSONL file path, 'self' or 'self-generic', got an empty string")
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        """Preset values fill the fields the caller did not give; an unknown name is left to the Literal check."""
+        if isinstance(data, dict) and data.get("preset") in PRESETS:
+            return {**PRESETS[data["preset"]], **data}
+        return data
+
+    @property
+    def self_preserve(self) -> bool:
+        """``preserve`` is ``self`` or ``self-generic``: the base model generates the preserve data."""
+        return self.preserve in SELF_PRESERVE_MODES
 
     @property
     def data_free(self) -> bool:
@@ -211,19 +333,26 @@ class TailorConfig(BaseModel):
         data = {str(k).replace("-", "_"): v for k, v in data.items()}
         for key in ("base", "finetuned", "calibration", "out", "save_model", "preserve", "cache_dir"):
             # Relative paths in a YAML file resolve against the file's folder, not the working directory.
-            if key == "preserve" and data.get(key) == "self":
+            if key == "preserve" and data.get(key) in SELF_PRESERVE_MODES:
                 continue
             if isinstance(data.get(key), str) and not Path(data[key]).is_absolute():
                 data[key] = str(file.parent / data[key])
+            elif isinstance(data.get(key), list):  # several fine-tunes / calibration files
+                data[key] = [_beside(file, v) for v in data[key]]
         data.update({k: v for k, v in overrides.items() if v is not None})
         return cls.build(**data)
 
     def fingerprint(self) -> str:
         """Hash of every option that changes the patch (not output paths): keys the resume work dir."""
         fields = self.model_dump(
-            mode="json", exclude={"out", "save_model", "overwrite", "max_shard_bytes", "cache_dir"}
+            mode="json", exclude={"out", "save_model", "overwrite", "max_shard_bytes", "cache_dir", "preset"}
         )
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _beside(file: Path, value: Any) -> Any:
+    """A relative path string of a YAML file, resolved against the file's folder."""
+    return str(file.parent / value) if isinstance(value, str) and not Path(value).is_absolute() else value
 
 
 def format_validation_error(err: ValidationError) -> str:

@@ -45,3 +45,13 @@ class NumericalError(ModelTailorError, ArithmeticError):
     def __init__(self, message: str, *, layer: str | None = None) -> None:
         super().__init__(message)
         self.layer = layer
+
+
+class RankError(ModelTailorError):
+    """Another process of a multi-process run (``torchrun``) failed; carries its message and exit code, so every
+    process stops with the same line."""
+
+    def __init__(self, rank: int, message: str, exit_code: int = 1) -> None:
+        super().__init__(f"rank {rank} failed: {message}")
+        self.rank = rank
+        self.exit_code = exit_code

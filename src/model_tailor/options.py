@@ -15,8 +15,10 @@ __all__ = [
     "COMPENSATIONS",
     "DEFAULT_MAX_SHARD_BYTES",
     "GRANULARITIES",
+    "IMAGE_PROMPTS",
     "MASK_TIMINGS",
     "SALIENCE_SOURCES",
+    "SELF_PRESERVE_MODES",
     "SENSITIVITY_KINDS",
     "STRUCTURES",
     "Compensation",
@@ -24,7 +26,9 @@ __all__ = [
     "Granularity",
     "MaskTiming",
     "NonTargetPolicy",
+    "Preset",
     "SalienceSource",
+    "SelfPreserveMode",
     "Sensitivity",
     "Structure",
     "TensorGranularity",
@@ -42,6 +46,11 @@ SalienceSource = Literal["delta", "target"]
 Structure = Literal["sparse", "lowrank", "sparse+lowrank"]
 NonTargetPolicy = Literal["reset", "keep", "tailor"]
 DType = Literal["float32", "bfloat16", "float16"]
+# Named option sets (config.PRESETS): "paper" is the paper's method, one switch away whatever the defaults become.
+Preset = Literal["paper"]
+# ``preserve`` keywords (anything else is a JSONL path): "self" = the base model answers the calibration inputs and
+# the shipped generic instructions; "self-generic" = the shipped generic instructions only.
+SelfPreserveMode = Literal["self", "self-generic"]
 
 GRANULARITIES: tuple[str, ...] = get_args(TensorGranularity)
 COMPENSATIONS: tuple[str, ...] = get_args(Compensation)
@@ -49,6 +58,16 @@ SENSITIVITY_KINDS: tuple[str, ...] = get_args(Sensitivity)
 MASK_TIMINGS: tuple[str, ...] = get_args(MaskTiming)
 SALIENCE_SOURCES: tuple[str, ...] = get_args(SalienceSource)
 STRUCTURES: tuple[str, ...] = get_args(Structure)
+SELF_PRESERVE_MODES: tuple[str, ...] = get_args(SelfPreserveMode)
+
+# The fixed generic prompts ``preserve: self`` asks the base model about each calibration image (a seeded choice of
+# ``preserve_image_prompts`` of them per image): captioning-style questions, so image abilities are anchored too.
+IMAGE_PROMPTS: tuple[str, ...] = (
+    "Describe the image.",
+    "What is in this picture?",
+    "Write a short caption for this image.",
+    "What do you see in this image?",
+)
 
 # Shard size of every checkpoint the project writes; saving holds about one shard in memory.
 DEFAULT_MAX_SHARD_BYTES = 2_000_000_000

@@ -40,8 +40,10 @@ def _tailor_parser() -> argparse.ArgumentParser:
 
 
 def _without_none(annotation):
+    """``X`` of ``X | None`` and of ``X | tuple[X, ...] (| None)`` (one value or several, e.g. ``finetuned``)."""
     if get_origin(annotation) in (Union, types.UnionType):
-        (annotation,) = [a for a in get_args(annotation) if a is not type(None)]
+        annotation, *many = [a for a in get_args(annotation) if a is not type(None)]
+        assert many in ([], [tuple[annotation, ...]]), many
     return annotation
 
 
@@ -59,6 +61,7 @@ def test_every_config_field_has_a_flag_with_the_literal_choices():
         else:
             assert action.choices is None, flag
     assert {"--guard", "--no-guard"} <= flags.keys()
+    assert flags["--finetuned"].nargs == flags["--calibration"].nargs == "+"  # one, or one per task
 
 
 def test_hand_written_flag_spellings_still_parse():

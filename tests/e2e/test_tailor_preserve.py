@@ -79,11 +79,17 @@ def test_preserve_self_is_deterministic_and_recorded(pico, tmp_path):
         assert records.is_file()
         runs.append((res, records.read_text(), json.loads(out.with_name("p.safetensors.report.json").read_text())))
     (a, text_a, rep_a), (b, text_b, rep_b) = runs
-    assert text_a == text_b and len(text_a.splitlines()) == 6
-    assert all(json.loads(line)["messages"][1]["role"] == "assistant" for line in text_a.splitlines())
+    # `self`: the base answers the inputs of each of the 5 calibration records (all of them: fewer than the 32 asked
+    # for; continuations of texts, answers to first user turns), then the 6 generic instructions
+    lines = [json.loads(line) for line in text_a.splitlines()]
+    assert text_a == text_b and len(lines) == 5 + 6
+    assert [r["self"]["from"] for r in lines] == ["calibration-text"] * 5 + ["generic"] * 6
+    assert all("text" in r or r["messages"][-1]["role"] == "assistant" for r in lines[:5])
+    assert all(r["messages"][1]["role"] == "assistant" for r in lines[5:])
     assert a.patch.equal(b.patch)
     pre = rep_a["preserve"]
-    assert pre["source"] == "self" and pre["generated"] == 6 and pre["spec"]["max_new_tokens"] == 6
+    assert pre["source"] == "self" and pre["generated"] == 11 and pre["spec"]["max_new_tokens"] == 6
+    assert pre["records"] == {"calibration_images": 0, "calibration_texts": 5, "generic": 6}
     assert pre["file"].endswith("p.safetensors.preserve.jsonl") and pre["sha256"] == rep_b["preserve"]["sha256"]
     assert any(p.name.startswith("self-preserve-") for p in (tmp_path / "cache0").iterdir())
 

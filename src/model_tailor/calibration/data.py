@@ -26,7 +26,16 @@ from model_tailor.errors import CalibrationError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CalibrationBatch", "CalibrationRecord", "CalibrationSet", "build_calibration", "read_records"]
+__all__ = [
+    "CalibrationBatch",
+    "CalibrationRecord",
+    "CalibrationSet",
+    "build_calibration",
+    "open_image",
+    "read_records",
+    "render",
+    "tokenizer_of",
+]
 
 # Processors that insert the image placeholder tokens themselves (no marker in the text).
 SELF_INSERTING_PROCESSORS = ("Blip2Processor", "InstructBlipProcessor")
@@ -186,7 +195,9 @@ class _TokenizerAndImages:
         parts = text.split(self.image_token)
         return "".join(p + (self.image_token * next(counts) if k < len(parts) - 1 else "") for k, p in enumerate(parts))
 
-    def __call__(self, text: list[str], images: list[Any] | None = None, return_tensors: str = "pt") -> dict:
+    def __call__(
+        self, text: list[str], images: list[Any] | None = None, return_tensors: str = "pt", **text_kwargs: Any
+    ) -> dict:
         extra: dict[str, Any] = {}
         if images:
             if self.image_processor is None:
@@ -197,7 +208,7 @@ class _TokenizerAndImages:
                 merge = getattr(self.image_processor, "merge_size", 1) ** 2
                 counts = iter([int(g.prod()) // merge for g in grid])
                 text = [self._expand(t, counts) for t in text]
-        out = dict(self.tokenizer(text, return_tensors=return_tensors))
+        out = dict(self.tokenizer(text, return_tensors=return_tensors, **text_kwargs))  # padding, special tokens
         if "image_grid_thw" in extra and self.image_token:
             # Per-token modality ids (0 text, 1 image), as ProcessorMixin.create_mm_token_type_ids builds
             # them.
@@ -207,18 +218,20 @@ class _TokenizerAndImages:
         return out
 
 
-def _tokenizer(proc: Any) -> Any:
+def tokenizer_of(proc: Any) -> Any:
+    """The tokenizer inside a processor (or the tokenizer itself)."""
     return getattr(proc, "tokenizer", proc)
 
 
-def render(record: CalibrationRecord, proc: Any) -> str:
+def render(record: CalibrationRecord, proc: Any, *, add_generation_prompt: bool = False) -> str:
     """The record as one string: chat template when the model has one, plain ``role: content`` lines
-    otherwise."""
+    otherwise. ``add_generation_prompt`` ends it with the assistant's turn opening, for the model to answer
+    (``preserve: self``); ``text`` records are never templated."""
     if record.text is not None:
         marker = _image_marker(proc) if record.image is not None else ""
         return record.text if not marker or marker in record.text else f"{marker}\n{record.text}"
     marker = _image_marker(proc) if record.image is not None else ""
-    tok = _tokenizer(proc)
+    tok = tokenizer_of(proc)
     if proc is not tok and getattr(proc, "chat_template", None) and getattr(proc, "image_processor", None):
         # A multi-modal processor template: list content with an image entry in the first message.
         msgs: list[dict[str, Any]] = []
@@ -227,13 +240,14 @@ def render(record: CalibrationRecord, proc: Any) -> str:
             if record.image is not None and k == 0:
                 content.insert(0, {"type": "image"})
             msgs.append({"role": m["role"], "content": content})
-        return proc.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False)
+        return proc.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
     if getattr(tok, "chat_template", None):
         msgs = [dict(m) for m in record.messages]
         if marker:
             msgs[0]["content"] = f"{marker}\n{msgs[0]['content']}"
-        return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False)
+        return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
     body = "\n".join(f"{m['role']}: {m['content']}" for m in record.messages)
+    body += "\nassistant:" if add_generation_prompt else ""
     return f"{marker}\n{body}" if marker else body
 
 
@@ -243,7 +257,8 @@ def _image_marker(proc: Any) -> str:
     return getattr(proc, "image_token", None) or ""
 
 
-def _open_image(path: Path) -> Any:
+def open_image(path: Path) -> Any:
+    """The image as RGB; an unreadable file is a one-line :class:`CalibrationError`."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -264,8 +279,8 @@ def _requires_pixels(model_cls: type | None) -> bool:
 def _encode(record: CalibrationRecord, proc: Any, max_tokens: int) -> dict[str, torch.Tensor]:
     text = render(record, proc)
     if record.image is not None:
-        out = dict(proc(text=[text], images=[_open_image(record.image)], return_tensors="pt"))
-    elif callable(proc) and proc is not _tokenizer(proc):
+        out = dict(proc(text=[text], images=[open_image(record.image)], return_tensors="pt"))
+    elif callable(proc) and proc is not tokenizer_of(proc):
         out = dict(proc(text=[text], return_tensors="pt"))
     else:
         out = dict(proc([text], return_tensors="pt"))
@@ -292,7 +307,7 @@ def _image_token_id(proc: Any) -> int | None:
     token = getattr(proc, "image_token", None)
     if not token:
         return None
-    tid = _tokenizer(proc).convert_tokens_to_ids(token)
+    tid = tokenizer_of(proc).convert_tokens_to_ids(token)
     return tid if isinstance(tid, int) else None
 
 
@@ -347,7 +362,7 @@ def build_calibration(
     for r in chosen:
         if r.image is not None and not r.image.is_file():
             raise CalibrationError(f"{path}:{r.line}: image {str(r.image)!r} not found")
-    tok = _tokenizer(proc)
+    tok = tokenizer_of(proc)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     encoded = [(r, _encode(r, proc, max_tokens)) for r in chosen]
     batches: list[CalibrationBatch] = []

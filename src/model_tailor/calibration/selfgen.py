@@ -1,4 +1,6 @@
-"""``--preserve self``: the base model answers shipped generic instructions; the conversations become preserve data.
+"""``--preserve self-generic`` (and half of ``self``): the base model answers shipped generic instructions; the
+conversations become preserve data. :class:`Generator` (the base model, loaded on first use) is shared with
+:mod:`~model_tailor.calibration.selfcalib`, the other half of ``self``.
 
 When a user has no original-task data, the base model's own behaviour on generic prompts is the best available
 proxy for "what it knew" (in the pilot of docs/METHOD.md §14, preserving base outputs on such data recovered
@@ -14,7 +16,7 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -65,6 +67,12 @@ def model_cache_key(model_dir: str | os.PathLike[str], spec: SelfPreserveSpec) -
     """Cheap content key of a model folder: config, file sizes and the first/last MiB of every weight file."""
     digest = hashlib.sha256(json.dumps(spec.__dict__, sort_keys=True).encode())
     digest.update(hashlib.sha256("\n".join(load_instructions()).encode()).digest())
+    hash_model_files(digest, model_dir)
+    return digest.hexdigest()[:20]
+
+
+def hash_model_files(digest: Any, model_dir: str | os.PathLike[str]) -> None:
+    """Feed the model folder's file names, sizes and first/last MiB of each file to ``digest``."""
     for path in sorted(Path(model_dir).iterdir()):
         if not path.is_file() or path.name.startswith("."):
             continue
@@ -76,7 +84,6 @@ def model_cache_key(model_dir: str | os.PathLike[str], spec: SelfPreserveSpec) -
             if size > 2 * _FINGERPRINT_SPAN:
                 handle.seek(-_FINGERPRINT_SPAN, os.SEEK_END)
                 digest.update(handle.read(_FINGERPRINT_SPAN))
-    return digest.hexdigest()[:20]
 
 
 def render_prompt(tokenizer: Any, processor: Any, instruction: str) -> str:
@@ -90,7 +97,7 @@ def render_prompt(tokenizer: Any, processor: Any, instruction: str) -> str:
     return f"User: {instruction}\nAssistant:"
 
 
-def _load_generator(model_dir: Path, device: str) -> tuple[Any, Any, Any]:
+def _load(model_dir: Path, device: str) -> tuple[Any, Any, Any]:
     import transformers
 
     refuse_remote_code(model_dir)
@@ -113,7 +120,57 @@ def _load_generator(model_dir: Path, device: str) -> tuple[Any, Any, Any]:
             f"--preserve self cannot load {str(model_dir)!r} for text generation from safetensors weights "
             f"({reason}); pass --preserve FILE"
         ) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # generation continues each prompt from its last real token
     return model.to(device).eval(), tokenizer, processor
+
+
+@dataclass
+class Generator:
+    """The BASE model as a greedy answerer, loaded on first use: a run whose self data is all cached never loads
+    it. ``loads`` counts the loads (0 or 1), so a caller can tell a cached run from a generating one."""
+
+    model_dir: Path
+    device: str = "cpu"
+    loads: int = 0
+    _parts: tuple[Any, Any, Any] | None = field(default=None, repr=False)
+
+    def parts(self) -> tuple[Any, Any, Any]:
+        """``(model, tokenizer, processor)``; the tokenizer pads on the left, the processor may be None."""
+        if self._parts is None:
+            self._parts = _load(Path(self.model_dir), self.device)
+            self.loads += 1
+        return self._parts
+
+    @torch.no_grad()
+    def greedy(self, enc: dict[str, torch.Tensor], max_new_tokens: int) -> list[str]:
+        """Greedy answers to a left-padded batch of encoded prompts (the new tokens only, stripped)."""
+        model, tokenizer, _ = self.parts()
+        enc = {k: v.to(self.device) for k, v in enc.items()}
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        answers = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        return [a.strip() for a in answers]
+
+
+def cache_path(
+    model_dir: str | os.PathLike[str], spec: SelfPreserveSpec, cache_dir: str | os.PathLike[str] | None
+) -> Path | None:
+    """Where :func:`generate_self_preserve` caches ``spec``'s records for this model (None: no cache)."""
+    return None if cache_dir is None else Path(cache_dir) / f"self-preserve-{model_cache_key(model_dir, spec)}.jsonl"
+
+
+def read_cache(cache_file: Path | None) -> list[dict[str, Any]] | None:
+    """The cached records, or None when there is no cache (or no cache file yet)."""
+    if cache_file is None or not cache_file.is_file():
+        return None
+    logger.info("reusing self-generated preserve data %s", cache_file)
+    return [json.loads(line) for line in cache_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def write_cache(cache_file: Path | None, records: list[dict[str, Any]]) -> None:
+    if cache_file is not None:
+        atomic_write_text(cache_file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 @torch.no_grad()
@@ -123,6 +180,7 @@ def generate_self_preserve(
     *,
     device: str = "cpu",
     cache_dir: str | os.PathLike[str] | None = None,
+    generator: Generator | None = None,
 ) -> list[dict[str, Any]]:
     """Let the base model answer sampled instructions; return ``messages`` records (cached per model and spec).
 
@@ -131,42 +189,30 @@ def generate_self_preserve(
         spec: sample count, seed, answer length bound and batch size.
         device: where generation runs.
         cache_dir: folder for ``self-preserve-<key>.jsonl``; no caching when None.
+        generator: the base model to reuse (loaded on first use); a new one on ``model_dir`` when None.
 
     Returns:
         Records ``{"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}``, one per instruction, in
         the sampled order.
     """
     model_dir = Path(model_dir)
-    cache_file = None
-    if cache_dir is not None:
-        cache_file = Path(cache_dir) / f"self-preserve-{model_cache_key(model_dir, spec)}.jsonl"
-        if cache_file.is_file():
-            logger.info("reusing self-generated preserve data %s", cache_file)
-            return [json.loads(line) for line in cache_file.read_text().splitlines() if line.strip()]
+    cache_file = cache_path(model_dir, spec, cache_dir)
+    cached = read_cache(cache_file)
+    if cached is not None:
+        return cached
     instructions = sample_instructions(spec.samples, spec.seed)
-    model, tokenizer, processor = _load_generator(model_dir, device)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"  # generation continues each prompt from its last real token
+    gen = generator if generator is not None else Generator(model_dir, device)
+    _, tokenizer, processor = gen.parts()
     torch.manual_seed(spec.seed)
     records: list[dict[str, Any]] = []
     for start in range(0, len(instructions), spec.batch_size):
         batch = instructions[start : start + spec.batch_size]
         prompts = [render_prompt(tokenizer, processor, text) for text in batch]
-        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        out = model.generate(
-            **enc,
-            max_new_tokens=spec.max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        answers = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-        for instruction, answer in zip(batch, answers, strict=True):
-            answer = answer.strip()
+        enc = dict(tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False))
+        for instruction, answer in zip(batch, gen.greedy(enc, spec.max_new_tokens), strict=True):
             logger.info("self-preserve: %r -> %r", instruction, answer)
             records.append(
                 {"messages": [{"role": "user", "content": instruction}, {"role": "assistant", "content": answer}]}
             )
-    if cache_file is not None:
-        atomic_write_text(cache_file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    write_cache(cache_file, records)
     return records

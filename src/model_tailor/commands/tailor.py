@@ -56,12 +56,16 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
 
 
 def flag_kwargs(annotation: Any) -> dict[str, Any]:
-    """argparse keywords for a field type: Literal -> choices, bool -> --x/--no-x, tuple -> repeatable."""
+    """argparse keywords for a field type: Literal -> choices, bool -> --x/--no-x, tuple -> repeatable,
+    ``X | tuple[X, ...]`` -> one or more values after the flag (one is the plain value, the config decides)."""
     origin, args = get_origin(annotation), get_args(annotation)
     if origin in (Union, types.UnionType):
         present = [a for a in args if a is not type(None)]
         if len(present) == 1:  # ``X | None``: None is the flag's "not given"
             return flag_kwargs(present[0])
+        one, many = present if len(present) == 2 else (None, None)
+        if get_origin(many) is tuple and get_args(many) == (one, Ellipsis):
+            return {**flag_kwargs(one), "nargs": "+"}
     elif origin is Literal:
         kinds = {type(a) for a in args}
         if len(kinds) == 1:
@@ -96,15 +100,18 @@ def build_config(args: argparse.Namespace) -> TailorConfig:
 
 def run(args: argparse.Namespace) -> int:
     from model_tailor.errors import ConfigError
+    from model_tailor.pipeline.distributed import is_primary
     from model_tailor.pipeline.run import plan_tailor, run_tailor
 
     cfg = build_config(args)
+    speaks = is_primary()  # under torchrun, rank 0 alone prints
     if args.dry_run:
-        print(plan_tailor(cfg).to_text())
+        if speaks:
+            print(plan_tailor(cfg).to_text())
         return 0
     if cfg.out is None and cfg.save_model is None:
         raise ConfigError("nothing to write: pass --out PATCH (and/or --save-model DIR)")
     result = run_tailor(cfg, progress=not args.quiet and sys.stderr.isatty())
-    if not args.quiet:
+    if not args.quiet and speaks:
         print(result.report.to_text())
     return 0

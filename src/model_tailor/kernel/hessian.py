@@ -91,6 +91,27 @@ class HessianAccumulator:
             )
         return self._H
 
+    def release_totals(self) -> tuple[torch.Tensor, int]:
+        """Hand over ``(n H, n)``: the raw sum ``2 Σ x xᵀ`` and the token count, what processes that each counted
+        part of the tokens add up (sums, not means). Scales in place, no copy: the accumulator is spent."""
+        total, n = self._H.mul_(self._n), self._n
+        self._H, self._n = torch.zeros(0, 0, dtype=torch.float32, device=total.device), 0
+        return total, n
+
+    @classmethod
+    def from_totals(cls, total: torch.Tensor, n: int, *, name: str | None = None) -> HessianAccumulator:
+        """The accumulator of ``n`` tokens whose raw sum is ``total`` ``(cols, cols)`` (e.g. added over
+        processes); takes ``total`` over, dividing it in place."""
+        if total.ndim != 2 or total.shape[0] != total.shape[1] or total.dtype != torch.float32:
+            raise ShapeMismatchError(
+                f"{name or 'HessianAccumulator'}: totals must be a square fp32 matrix, got {tuple(total.shape)} "
+                f"{total.dtype}"
+            )
+        acc = cls.__new__(cls)
+        acc.columns, acc.name = int(total.shape[0]), name
+        acc._H, acc._n = (total.div_(n) if n > 0 else total.zero_()), int(n)
+        return acc
+
     @torch.no_grad()
     def add(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> None:
         """Add a batch of module inputs.

@@ -75,13 +75,15 @@ def ties(values: Tensor, covered: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class TensorOverlap:
-    """Coverage of one parameter: ``union`` entries covered, ``overlap`` of them by >= 2 patches."""
+    """Coverage of one parameter: ``union`` entries covered, ``overlap`` of them by >= 2 patches, ``per_patch``
+    the entries each input patch covers (where the union came from)."""
 
     name: str
     numel: int
     patches: int
     union: int
     overlap: int
+    per_patch: tuple[int, ...] = ()
 
     @property
     def fraction(self) -> float:
@@ -177,7 +179,10 @@ def combine_tensor(
     combined = fn(values, covered).to(torch.float32) if union.numel() else torch.zeros(0)
     lowrank = _combine_lowrank(present, policy, scale, len(parts), name)
     count = covered.sum(0)
-    overlap = TensorOverlap(name, present[0][1].numel, len(present), int(union.numel()), int((count >= 2).sum()))
+    per_patch = tuple(int(n) for n in covered.sum(1).tolist())
+    overlap = TensorOverlap(
+        name, present[0][1].numel, len(present), int(union.numel()), int((count >= 2).sum()), per_patch
+    )
     return TensorPatch(name, shape, union, combined, lowrank), overlap
 
 
@@ -289,6 +294,7 @@ def combine_patches(
                 "union": o.union,
                 "overlap": o.overlap,
                 "fraction": o.fraction,
+                "per_patch": list(o.per_patch),
             }
             for name, o in report.per_tensor.items()
         },

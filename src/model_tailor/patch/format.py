@@ -10,7 +10,8 @@ Layout, for every parameter name ``<p>`` (full HF name):
 
 Metadata (all strings): ``format = "model-tailor-patch"``, ``format_version``, ``created`` (ISO time),
 ``payload_sha256`` and the JSON strings ``shapes``, ``base_dtypes``, ``base_fingerprint``, ``config``,
-``versions``, ``stats``, ``reset_params``. Each field's type is checked on load (``schema.py``).
+``versions``, ``stats``, ``reset_params`` (and ``multitask`` for a joint multi-task patch). Each field's type is
+checked on load (``schema.py``).
 
 ``payload_sha256`` is the sha256 of, for every tensor key in sorted order, the UTF-8 line
 ``<key>\t<dtype code>\t<shape as JSON>\n`` followed by the tensor's raw little-endian bytes. ``load_patch``
@@ -52,7 +53,7 @@ logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "model-tailor-patch"
 SUPPORTED_MAJOR_VERSIONS = (1, 2)
-JSON_KEYS = ("shapes", "base_dtypes", "base_fingerprint", "config", "versions", "stats", "reset_params")
+JSON_KEYS = ("shapes", "base_dtypes", "base_fingerprint", "config", "versions", "stats", "reset_params", "multitask")
 PAYLOAD_KEY = "payload_sha256"
 KNOWN_KEYS = frozenset(("format", "format_version", "created", PAYLOAD_KEY, *JSON_KEYS))
 _ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int32: "I32",
@@ -104,6 +105,8 @@ def patch_metadata_strings(patch: SparsePatch) -> dict[str, str]:
         "stats": meta.stats,
         "reset_params": meta.reset_params,
     }
+    if meta.multitask:  # written only for joint multi-task patches: single-task files stay as they were
+        fields["multitask"] = meta.multitask
     try:
         strings = {key: _dumps(value) for key, value in fields.items()}
     except (TypeError, ValueError) as err:
@@ -236,6 +239,7 @@ def _parse_metadata(path: Path, raw: dict[str, str]) -> PatchMetadata:
         versions=parsed.get("versions", {}),
         stats=parsed.get("stats", {}),
         reset_params=parsed.get("reset_params", []),
+        multitask=parsed.get("multitask", {}),
         created=raw.get("created", ""),
         format_version=version,
         extra={key: raw[key] for key in unknown},

@@ -282,6 +282,9 @@ class PatchMetadata:
         created: ISO-8601 creation time.
         format_version: version read from / written to the file.
         extra: unknown metadata keys found when loading (kept, with a warning).
+        multitask: a joint multi-task patch's tasks (docs/METHOD.md §12): ``{"tasks": [{"name", "finetuned",
+            "fingerprint", "calibration", "records", "kept_with_delta"}, ...], "kept", "shared"}``; empty (and
+            not written) for a single-task patch.
     """
 
     shapes: dict[str, list[int]] = field(default_factory=dict)
@@ -294,6 +297,7 @@ class PatchMetadata:
     created: str = ""
     format_version: str = "1"
     extra: dict[str, str] = field(default_factory=dict)
+    multitask: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(eq=False)

@@ -96,6 +96,26 @@ def _reset(value: Any) -> str:
     return "must be a list of names or an object name -> reason"
 
 
+def _count(value: Any) -> bool:
+    return _is_int(value) and value >= 0
+
+
+def _multitask(value: Any) -> str:
+    """``{"tasks": [task, ...], "kept": int, "shared": int}``; each task names its files and counts."""
+    if not isinstance(value, dict) or not isinstance(value.get("tasks"), list):
+        return "must be an object with a 'tasks' list"
+    if not all(_count(value.get(k)) for k in ("kept", "shared")):
+        return "'kept' and 'shared' must be non-negative ints"
+    for task in value["tasks"]:
+        if not isinstance(task, dict) or not all(isinstance(task.get(k), str) for k in ("name", "finetuned")):
+            return "every task must be an object with string 'name' and 'finetuned'"
+        if not isinstance(task.get("calibration"), (str, type(None))):
+            return "a task's 'calibration' must be a string or null"
+        if not all(task.get(k) is None or _count(task.get(k)) for k in ("records", "kept_with_delta")):
+            return "a task's 'records' and 'kept_with_delta' must be non-negative ints or null"
+    return ""
+
+
 CHECKS: dict[str, Callable[[Any], str]] = {
     "shapes": _shapes,
     "base_dtypes": _str_map,
@@ -104,4 +124,5 @@ CHECKS: dict[str, Callable[[Any], str]] = {
     "versions": _str_map,
     "stats": _mapping,
     "reset_params": _reset,
+    "multitask": _multitask,
 }

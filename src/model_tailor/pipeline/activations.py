@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -24,6 +24,9 @@ from torch import nn
 from model_tailor.calibration.capture import BlockCall, capture_inputs, replace_hidden, run_block
 from model_tailor.calibration.data import CalibrationBatch
 from model_tailor.kernel.hessian import HessianAccumulator
+
+if TYPE_CHECKING:
+    from model_tailor.pipeline.distributed import Group
 
 __all__ = ["BlockHessians", "Stream", "accumulate", "capture_stream", "reaching_batches", "token_masks"]
 
@@ -103,6 +106,45 @@ class BlockHessians:
         leader = self._owner.get(name)
         return 0 if leader is None else int(self._acc[leader].n_tokens)
 
+    def merge(self, group: Group) -> None:
+        """Add the other ranks' Hessians to this rank's (each ran its share of the batches): afterwards every rank
+        holds the Hessians of all batches, grouped alike. Raw sums and token counts are added, not means. Ranks
+        that grouped the targets differently (a module that skipped a first batch) fall back to one Hessian per
+        target. Nothing happens in a single process."""
+        if group.world == 1:
+            return
+        layout = _common_layout(group.gather(self._layout()), self._names)
+        leaders = list(dict.fromkeys(lead for lead, _ in layout.values()))
+        cols = dict(layout.values())
+        taken: dict[str, tuple[torch.Tensor, int]] = {}
+        sums, counts = [], []
+        for lead in leaders:
+            local = self._owner.get(lead)
+            if local is None:
+                total, n = torch.zeros(cols[lead], cols[lead], device=self.device), 0
+            elif local in taken:
+                total, n = taken[local][0].clone(), taken[local][1]
+            else:
+                total, n = taken[local] = self._acc[local].release_totals()
+            sums.append(total)
+            counts.append(n)
+        self._acc.clear()
+        n_all = torch.tensor(counts, dtype=torch.int64, device=self.device)
+        if leaders:
+            group.all_reduce_sum([*sums, n_all])
+        self._owner = {name: lead for name, (lead, _) in layout.items()}
+        self.groups = {}
+        for name, lead in self._owner.items():
+            self.groups.setdefault(lead, []).append(name)
+        self._acc = {
+            lead: HessianAccumulator.from_totals(s, int(n), name=lead)
+            for lead, s, n in zip(leaders, sums, n_all.tolist(), strict=True)
+        }
+
+    def _layout(self) -> dict[str, tuple[str, int]]:
+        """target -> (its group leader, input columns), for the targets that ran."""
+        return {n: (self._owner[n], self._acc[self._owner[n]].columns) for n in self._names if n in self._owner}
+
     def stop(self) -> None:
         """Remove the hooks and keep the Hessians (another stream runs through the same modules next)."""
         for h in self._handles:
@@ -113,6 +155,16 @@ class BlockHessians:
         self.stop()
         self._first.clear()
         self._acc.clear()
+
+
+def _common_layout(layouts: list[dict[str, tuple[str, int]]], names: list[str]) -> dict[str, tuple[str, int]]:
+    """The grouping every rank uses: the ranks' own where they agree (ranks that ran no batch have none), else
+    each target its own leader."""
+    present = [m for m in layouts if m]
+    if all(m == present[0] for m in present):
+        return present[0] if present else {}
+    cols = {n: c for m in present for n, (_, c) in m.items()}
+    return {n: (n, cols[n]) for n in names if n in cols}
 
 
 @dataclass

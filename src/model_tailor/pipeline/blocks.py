@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,9 +19,11 @@ from model_tailor.config import TailorConfig
 from model_tailor.errors import ConfigError
 from model_tailor.io.checkpoint import CheckpointReader
 from model_tailor.kernel.masking import select_keep_masks_global
-from model_tailor.pipeline.activations import Stream, accumulate, capture_stream, reaching_batches
+from model_tailor.pipeline.activations import BlockHessians, Stream, accumulate, capture_stream, reaching_batches
 from model_tailor.pipeline.architectures import ModelLayout
+from model_tailor.pipeline.distributed import Group, kernel_cost
 from model_tailor.pipeline.groups import KernelInput, can_group, shared_input_groups, tailor_one, tailor_together
+from model_tailor.pipeline.multitask import CombinedHessians, accumulate_tasks, combine_block
 from model_tailor.pipeline.preserve import PreserveData
 from model_tailor.pipeline.report import LayerReport, TensorRecord
 from model_tailor.pipeline.resume import WorkDir
@@ -47,6 +49,7 @@ class Prepared:
     to_ckpt: dict[str, str]
     plan: TargetPlan
     seconds: float
+    others: tuple[CheckpointReader, ...] = ()  # the other fine-tunes of a joint multi-task run (§12)
 
 
 def _device(cfg: TailorConfig) -> torch.device:
@@ -58,21 +61,33 @@ def _device(cfg: TailorConfig) -> torch.device:
 class BlockRunner:
     """State of one run; methods are the stages, called in order by :func:`~model_tailor.pipeline.run.run_tailor`.
 
-    ``on_block_done``: see :data:`BlockDone`.
+    ``on_block_done``: see :data:`BlockDone`. ``group``: the processes of the run (default: this one alone); each
+    rank runs its share of the calibration batches and of each block's kernel calls
+    (:mod:`~model_tailor.pipeline.distributed`).
     """
 
     def __init__(
-        self, cfg: TailorConfig, prep: Prepared, progress: bool, on_block_done: BlockDone | None = None
+        self,
+        cfg: TailorConfig,
+        prep: Prepared,
+        progress: bool,
+        on_block_done: BlockDone | None = None,
+        group: Group | None = None,
     ) -> None:
         self.cfg, self.prep, self.progress, self.on_block_done = cfg, prep, progress, on_block_done
-        self.device = _device(cfg)
+        self.group = group if group is not None else Group()
+        self.device = self.group.device(_device(cfg))
         self.dtype = getattr(torch, cfg.dtype)
-        self.source = WeightSource(prep.base, prep.finetuned, prep.plan, self._tailor_data_free)
+        self.source = WeightSource(prep.base, prep.finetuned, prep.plan, self._tailor_data_free, prep.others)
         self.mat = Materializer(prep.model, prep.to_ckpt, self.source, self.device, self.dtype)
         self.layers: dict[str, LayerReport] = {}
         self.data_free: dict[str, TensorRecord] = {}
         self.warnings: list[str] = []
         self.keep_masks: dict[str, torch.Tensor] = {}
+        # Several fine-tunes: each target's combined target W* for this block (docs/METHOD.md §12); re-decoration
+        # (combine --redecorate): the combined patch's weights each result must not reconstruct worse than.
+        self.combined: dict[str, torch.Tensor] = {}
+        self.references: dict[str, torch.Tensor] = {}
         self.workdir: WorkDir | None = None
         self.preserve: PreserveData | None = None
         self.block_paths = [bl.block_path(i) for bl in prep.layout.block_lists for i in range(bl.length)]
@@ -102,15 +117,22 @@ class BlockRunner:
         logger.warning("%s", msg)
         self.warnings.append(msg)
 
+    def _input(self, t: TargetParam) -> KernelInput:
+        """A target as the kernel gets it: its fine-tuned weights (with several fine-tunes, the combined target
+        W*), a fixed mask and a reference where the run has them."""
+        ft = self.combined.pop(t.name, None)
+        ft = self.source.finetuned.get(t.name) if ft is None else ft
+        mask, reference = self.keep_masks.pop(t.name, None), self.references.pop(t.name, None)
+        return KernelInput(t.name, self.source.base.get(t.name), ft, t.transposed, mask, reference)
+
     def _tailor_target(self, t: TargetParam, H: torch.Tensor | None, H_o: torch.Tensor | None = None) -> TensorRecord:
-        base, ft = self.source.base.get(t.name), self.source.finetuned.get(t.name)
         if H is None and not self.cfg.data_free:
             self._warn(
                 f"{t.name}: received no calibration tokens; tailored data-free (salience only, uncompensated, sparse)"
             )
         elif H_o is None and self.preserve is not None:
             self._warn(f"{t.name}: received no preserve tokens; tailored without the preserve term")
-        sv, stats = self._kernel(t.name, base, ft, H, t.transposed, self.keep_masks.pop(t.name, None), H_o)
+        sv, stats = tailor_one(self._input(t), H, H_o, self.cfg, self.device)
         self.source.tailored[t.name] = sv
         return stats
 
@@ -122,21 +144,36 @@ class BlockRunner:
         if not can_group(self.cfg, H, [t.transposed for t in group]):
             return {t.name: self._tailor_target(t, H, H_o[t.name]) for t in group}
         assert H is not None
-        items = [
-            KernelInput(
-                t.name,
-                self.source.base.get(t.name),
-                self.source.finetuned.get(t.name),
-                t.transposed,
-                self.keep_masks.pop(t.name, None),
-            )
-            for t in group
-        ]
+        items = [self._input(t) for t in group]
         records = {}
         for t, (sv, record) in zip(group, tailor_together(items, H, self.cfg, self.device), strict=True):
             self.source.tailored[t.name] = sv
             records[t.name] = record
         return records
+
+    def _tailor_units(
+        self, units: list[list[TargetParam]], t_stats: BlockHessians, H_o: dict[str, torch.Tensor | None]
+    ) -> dict[str, TensorRecord]:
+        """Each shared-input group on its owner rank (the costliest first onto the least loaded rank), then every
+        rank takes every tailored tensor, record and warning, in the order of one process."""
+        shapes = [[t.shape[::-1] if t.transposed else t.shape for t in unit] for unit in units]
+        owners = self.group.owners([kernel_cost(s) for s in shapes])
+        mine = {}
+        for i, unit in enumerate(units):
+            if owners[i] != self.group.rank:
+                for t in unit:
+                    self.keep_masks.pop(t.name, None)
+                continue
+            n_warnings = len(self.warnings)
+            records = self._tailor_group(unit, t_stats.hessian(unit[0].name), H_o)
+            mine[i] = ({t.name: self.source.tailored[t.name] for t in unit}, records, self.warnings[n_warnings:])
+            del self.warnings[n_warnings:]
+        out: dict[str, TensorRecord] = {}
+        for _, (tensors, records, warnings) in sorted(self.group.exchange(mine).items(), key=lambda kv: kv[0]):
+            self.source.tailored.update(tensors)
+            out.update(records)
+            self.warnings.extend(warnings)
+        return out
 
     # -- stages ---------------------------------------------------------------------------------------------
     def global_masks(self) -> None:
@@ -153,12 +190,15 @@ class BlockRunner:
             scores[t.name] = (self.source.finetuned.get(t.name).float() - self.source.base.get(t.name).float()).abs()
         self.keep_masks = select_keep_masks_global(scores, self.cfg.density)
 
-    def resume(self, workdir: WorkDir) -> None:
-        """Load the blocks a previous run with the same key finished (the key covers the inputs' bytes)."""
+    def resume(self, workdir: WorkDir | None) -> None:
+        """Load the blocks a previous run with the same key finished (the key covers the inputs' bytes). Rank 0
+        holds the work folder (``None`` on the other ranks) and hands every rank what it read."""
         self.workdir = workdir
+        paths = [f"{bl}.{idx}" for bl, idx in self.prep.plan.block_order]
+        found = self.group.broadcast({p: workdir.load_block(p) for p in paths} if workdir is not None else {})
         for bl, idx in self.prep.plan.block_order:
             path = f"{bl}.{idx}"
-            loaded = self.workdir.load_block(path)
+            loaded = found.get(path)
             if loaded is None:
                 continue
             tensors, layer = loaded
@@ -167,7 +207,7 @@ class BlockRunner:
                 self.keep_masks.pop(t.name, None)
             self.layers[path] = LayerReport.from_json(layer, resumed=True)
         if self.layers:
-            logger.info("resuming: %d finished block(s) loaded from %s", len(self.layers), self.workdir.path)
+            logger.info("resuming: %d finished block(s) loaded from %s", len(self.layers), workdir or "rank 0")
 
     def data_free_targets(self) -> None:
         for t in self.prep.plan.targets:
@@ -175,7 +215,9 @@ class BlockRunner:
             layer = self.layers.setdefault(path, LayerReport(path))
             layer.tensors[t.name] = self._tailor_target(t, None)
 
-    def block_lists(self, calib: CalibrationSet) -> None:
+    def block_lists(self, calibs: Sequence[CalibrationSet]) -> None:
+        """Every block list holding targets; ``calibs``: one calibration set per task (one for a plain run), each
+        captured and propagated as its own stream."""
         model, plan = self.prep.model, self.prep.plan
         nq = getattr(model.config, "num_query_tokens", 0) or 0
         for bl in self.prep.layout.block_lists:
@@ -187,13 +229,17 @@ class BlockRunner:
             handles = self.mat.install_hooks(self.block_paths)
             pstream = None
             try:
-                stream = capture_stream(model, bl, first, calib.batches, nq, self.device, self.dtype)
+                streams = [  # this rank's share of each task's batches; the Hessians are summed over ranks
+                    capture_stream(model, bl, first, self.group.split(c.batches), nq, self.device, self.dtype)
+                    for c in calibs
+                ]
                 if self.preserve is not None:  # earlier layers: base, or their non-target policy (preserve_stream)
                     pbatches = reaching_batches(self.preserve.calib.batches, bl.role)
                     if not pbatches:
                         self._warn(f"{bl.path}: no preserve record has an image; its targets ignore preserve")
                     else:
-                        pstream = capture_stream(model, bl, first, pbatches, nq, self.device, self.dtype)
+                        pmine = self.group.split(pbatches)  # may be empty on a rank: still a (empty) stream
+                        pstream = capture_stream(model, bl, first, pmine, nq, self.device, self.dtype)
             finally:
                 for h in handles:
                     h.remove()
@@ -202,33 +248,33 @@ class BlockRunner:
             blocks = range(first, last + 1)
             bar = _bar(blocks, f"tailor {bl.path}", self.progress)
             for idx in bar:
-                stream, pstream = self.block(bl.path, idx, stream, pstream, last_in_list=idx == last)
+                streams, pstream = self.block(bl.path, idx, streams, pstream, last_in_list=idx == last)
 
     def block(
-        self, list_path: str, idx: int, stream: Stream, pstream: Stream | None, last_in_list: bool
-    ) -> tuple[Stream, Stream | None]:
-        """One block: H_t on the target stream (fine-tuned targets); with preserve data, H_o and the next
-        preserve inputs from one pass with BASE target weights (docs/METHOD.md §14); tailor; replay the tailored
-        block."""
+        self, list_path: str, idx: int, streams: list[Stream], pstream: Stream | None, last_in_list: bool
+    ) -> tuple[list[Stream], Stream | None]:
+        """One block: H_t on the target stream (fine-tuned targets; one stream per task, §12); with preserve
+        data, H_o and the next preserve inputs from one pass with BASE target weights (docs/METHOD.md §14);
+        tailor; replay the tailored block on every stream."""
         path = f"{list_path}.{idx}"
         targets = self.prep.plan.targets_in(list_path, idx)
         self.mat.load(path)
         block = self.prep.model.get_submodule(path)
         fresh = bool(targets) and path not in self.layers
         try:
-            pstream = self._tailor_block(path, block, targets, fresh, stream, pstream, last_in_list)
+            pstream = self._tailor_block(path, block, targets, fresh, streams, pstream, last_in_list)
             if fresh or pstream is not None:
                 for t in targets:
                     self.mat.set_weight(t.module, "weight", self.source.get(t.name))
             if fresh:
                 self._block_done(path, targets)
             if last_in_list:
-                return stream, pstream
+                return streams, pstream
             t0 = time.perf_counter()
-            out = [replace_hidden(c, run_block(block, c).to(self.dtype)) for c in stream.calls]
+            out = [_propagate(block, st, self.dtype) for st in streams]
             if path in self.layers:
                 self.layers[path].seconds["propagate"] = time.perf_counter() - t0
-            return Stream(out, stream.masks), pstream
+            return out, pstream
         finally:
             self.mat.offload(path)
             self.source.release()
@@ -239,7 +285,7 @@ class BlockRunner:
         block: torch.nn.Module,
         targets: list[TargetParam],
         fresh: bool,
-        stream: Stream,
+        streams: list[Stream],
         pstream: Stream | None,
         last_in_list: bool,
     ) -> Stream | None:
@@ -250,7 +296,7 @@ class BlockRunner:
         try:
             if fresh:
                 t0 = time.perf_counter()
-                t_stats, _ = accumulate(block, modules, stream, self.device)
+                t_stats = self._hessians(block, modules, targets, streams)
                 layer.seconds["hessian"] = time.perf_counter() - t0
                 layer.n_tokens = max((t_stats.n_tokens(t.name) for t in targets), default=0)
             if pstream is not None:
@@ -262,23 +308,49 @@ class BlockRunner:
                 )
                 pstream = next_p or pstream
                 if fresh:
+                    p_stats.merge(self.group)
                     layer.seconds["preserve"] = time.perf_counter() - t0
                     layer.n_tokens_preserve = max((p_stats.n_tokens(t.name) for t in targets), default=0)
             if fresh:
                 assert t_stats is not None
                 t0 = time.perf_counter()
                 H_o = {t.name: None if p_stats is None else p_stats.hessian(t.name) for t in targets}
-                by_name, records = {t.name: t for t in targets}, {}
-                for names in shared_input_groups(list(by_name), t_stats.groups):  # q/k/v, gate/up share one
-                    records.update(self._tailor_group([by_name[n] for n in names], t_stats.hessian(names[0]), H_o))
+                by_name = {t.name: t for t in targets}
+                units = shared_input_groups(list(by_name), t_stats.groups)  # q/k/v, gate/up share one
+                records = self._tailor_units([[by_name[n] for n in names] for names in units], t_stats, H_o)
                 layer.tensors.update((t.name, records[t.name]) for t in targets)
                 layer.seconds["tailor"] = time.perf_counter() - t0
                 self._pending = layer
         finally:
+            self.combined.clear()
             for st in (t_stats, p_stats):
                 if st is not None:
                     st.close()
         return pstream
+
+    def _hessians(
+        self,
+        block: torch.nn.Module,
+        modules: dict[str, torch.nn.Module],
+        targets: list[TargetParam],
+        streams: list[Stream],
+    ) -> BlockHessians | CombinedHessians:
+        """The targets' Hessians on the calibration stream. Several fine-tunes: each task's H_t on its own stream
+        with its own fine-tuned weights, combined per target, with the combined targets W* left in
+        ``self.combined`` for the kernel calls (docs/METHOD.md §12)."""
+        if len(streams) == 1:
+            stats, _ = accumulate(block, modules, streams[0], self.device)
+            stats.merge(self.group)  # sums over the ranks' shares of the batches
+            return stats
+        per_task = accumulate_tasks(block, modules, targets, streams, self.source, self.mat, self.group)
+        try:
+            combined, self.combined = combine_block(
+                per_task, targets, self.source, percdamp=self.cfg.percdamp, device=self.device
+            )
+        finally:
+            for stats in per_task:
+                stats.close()
+        return combined
 
     def _block_done(self, path: str, targets: list[TargetParam]) -> None:
         """Record the block's report, checkpoint its tailored tensors, then tell ``on_block_done``."""
@@ -290,6 +362,11 @@ class BlockRunner:
             self.workdir.save_block(path, tensors, layer.to_json())
         if self.on_block_done is not None:
             self.on_block_done(path)
+
+
+def _propagate(block: torch.nn.Module, stream: Stream, dtype: torch.dtype) -> Stream:
+    """The next block's stream: this block's outputs on every recorded call."""
+    return Stream([replace_hidden(c, run_block(block, c).to(dtype)) for c in stream.calls], stream.masks)
 
 
 def _bar(items: Any, desc: str, enabled: bool) -> Any:

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from model_tailor.config import TailorConfig
+from model_tailor.kernel.multitask import prefer_reference
 from model_tailor.kernel.tailor import TailoredWeight
 from model_tailor.pipeline.adapter import tailor_shared, tailor_tensor
 from model_tailor.pipeline.report import TensorRecord
@@ -36,13 +37,16 @@ Tailored = tuple[SparseValues, TensorRecord]
 
 @dataclass(frozen=True)
 class KernelInput:
-    """One target as stored (checkpoint layout and dtype), with its fixed mask (``granularity: global``) if any."""
+    """One target as stored (checkpoint layout and dtype), with its fixed mask (``granularity: global``) if any,
+    and a ``reference`` weight on that mask the result must not reconstruct worse than (``combine
+    --redecorate``: the combined patch's weights, docs/METHOD.md §12)."""
 
     name: str
     base: Tensor
     finetuned: Tensor
     transposed: bool = False
     keep_mask: Tensor | None = None
+    reference: Tensor | None = None
 
     def to_kernel(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor | None]:
         """``(base, finetuned, keep_mask)`` as the kernel wants them: fp32 ``(rows=out, cols=in)`` on ``device``."""
@@ -52,6 +56,21 @@ class KernelInput:
             b32, f32 = b32.T.contiguous(), f32.T.contiguous()
             keep = keep.T.contiguous() if keep is not None else None
         return b32, f32, keep
+
+    def against_reference(
+        self, res: TailoredWeight, finetuned: Tensor, H: Tensor | None, percdamp: float
+    ) -> TailoredWeight:
+        """``res``, or the reference where it reconstructs the target (``finetuned``, kernel layout) better under
+        the damped ``H`` (stats ``used: reference``)."""
+        if self.reference is None or H is None:
+            return res
+        ref = self.reference.to(finetuned.device, torch.float32)
+        ref = ref.T.contiguous() if self.transposed else ref
+        W, won, error = prefer_reference(res.weight.to(torch.float32), ref, finetuned, H, percdamp=percdamp)
+        if not won:
+            return res
+        stats = dataclasses.replace(res.stats, used="reference", error_compensated=error)
+        return dataclasses.replace(res, weight=W.to(res.weight.dtype), stats=stats)
 
     def from_kernel(self, res: TailoredWeight, extra: dict[str, Any], data_free: bool) -> Tailored:
         """The kernel's result in checkpoint layout: the compact tailored values and the report record."""
@@ -100,6 +119,7 @@ def tailor_one(
     """One target in one kernel call (:func:`~model_tailor.pipeline.adapter.tailor_tensor`)."""
     base, ft, keep = item.to_kernel(device)
     res, extra = tailor_tensor(base, ft, H, H_o, cfg, keep_mask=keep, name=item.name)
+    res = item.against_reference(res, ft, H if H_o is None else None, cfg.percdamp)
     return item.from_kernel(res, extra, data_free=H is None)
 
 
@@ -114,4 +134,7 @@ def tailor_together(items: Sequence[KernelInput], H: Tensor, cfg: TailorConfig, 
         keep_masks=[k for _, _, k in inputs],
         names=[item.name for item in items],
     )
-    return [item.from_kernel(res, extra, data_free=False) for item, (res, extra) in zip(items, results, strict=True)]
+    return [
+        item.from_kernel(item.against_reference(res, f, H, cfg.percdamp), extra, data_free=False)
+        for item, (_, f, _), (res, extra) in zip(items, inputs, results, strict=True)
+    ]

@@ -11,7 +11,7 @@ import glob
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -108,7 +108,7 @@ def planned_outputs(cfg: TailorConfig) -> list[Output]:
     if cfg.out is not None:
         report, records = side_files(Path(cfg.out))
         outs += [Output("--out", Path(cfg.out)), Output("report", report)]
-        if cfg.preserve == "self":
+        if cfg.self_preserve:
             outs.append(Output("preserve records", records))
     if cfg.save_model is not None:
         outs.append(Output("--save-model", Path(cfg.save_model), "dir"))
@@ -117,17 +117,26 @@ def planned_outputs(cfg: TailorConfig) -> list[Output]:
 
 def check_inputs(cfg: TailorConfig) -> dict[str, Path | None]:
     """Fail fast on inputs that would otherwise fail late (or run code): returns them by label."""
-    for label, path in (("calibration", cfg.calibration), ("preserve", cfg.preserve)):
-        if path is None or path == "self":
+    calibrations = list(dict.fromkeys(cfg.calibration_paths))  # one file shared by several tasks is one input
+    for label, path in [*(("calibration", c) for c in calibrations), ("preserve", cfg.preserve)]:
+        if path is None or (label == "preserve" and cfg.self_preserve):
             continue
         if not Path(path).is_file():
             what = "is a folder" if Path(path).is_dir() else "does not exist"
             raise CalibrationError(f"{label} file {str(path)!r} {what}; pass a JSONL file (--{label})")
-    for path in (cfg.base, cfg.finetuned):
+    for path in (cfg.base, *cfg.finetuned_paths):
         CheckpointReader(path).close()  # headers only: a missing or broken checkpoint fails before hashing
         refuse_remote_code(path if Path(path).is_dir() else Path(path).parent)
-    preserve = Path(cfg.preserve) if cfg.preserve not in (None, "self") else None
-    return {"base": cfg.base, "fine-tuned": cfg.finetuned, "calibration": cfg.calibration, "preserve": preserve}
+    preserve = Path(cfg.preserve) if cfg.preserve is not None and not cfg.self_preserve else None
+    inputs: dict[str, Path | None] = {"base": cfg.base}
+    inputs.update(_numbered("fine-tuned", cfg.finetuned_paths))
+    inputs.update(_numbered("calibration", calibrations))
+    return {**inputs, "preserve": preserve}
+
+
+def _numbered(label: str, paths: Sequence[Path | None]) -> dict[str, Path | None]:
+    """``label`` for the first path, ``label 2``, ``label 3``... for the others of a multi-task run."""
+    return {label if i == 0 else f"{label} {i + 1}": p for i, p in enumerate(paths)}
 
 
 @contextmanager
@@ -150,7 +159,7 @@ def guard_outputs(cfg: TailorConfig) -> Iterator[WorkDir | None]:
         if not any(anchor.parent.glob(f".{glob.escape(anchor.name)}.work-*/committing.json")):
             check_outputs(outs, inputs, overwrite=cfg.overwrite)  # before the inputs are hashed
         preserve = inputs["preserve"]
-        key = run_key(cfg.fingerprint(), Path(cfg.base), Path(cfg.finetuned), cfg.calibration, preserve)
+        key = run_key(cfg.fingerprint(), Path(cfg.base), cfg.finetuned_paths, cfg.calibration_paths, preserve)
         workdir = WorkDir(anchor, key)
         check_outputs(outs, inputs, overwrite=cfg.overwrite, ours=workdir.committing())
         yield workdir

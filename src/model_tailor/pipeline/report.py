@@ -2,12 +2,15 @@
 
 Per layer: kept entries, reconstruction error without and with compensation (docs/METHOD.md §13), time per stage.
 Every changed non-target is listed with its action (docs/METHOD.md §11); the calibration lines used are recorded
-(§10).
+(§10), and so are the preserve records used by origin (§14). Each tensor's structure, parameter count and budget
+are in its record; each layer's and the run's ``params`` and ``budget`` are sums over them, and ``totals.structures``
+counts the tensors per structure, so the report says what the options (defaults or preset) did.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -173,8 +176,16 @@ class TailorReport:
                 "kept": self.kept,
                 "numel": self.numel,
                 "density": self.kept / self.numel if self.numel else 0.0,
+                "params": sum(layer.params for layer in self.layers),
+                "budget": sum(layer.budget for layer in self.layers),
+                "structures": self.structures(),
             },
         }
+
+    def structures(self) -> dict[str, int]:
+        """Tensors per patch structure (tailored layers and data-free tensors)."""
+        records = [s for layer in self.layers for s in layer.tensors.values()] + list(self.data_free.values())
+        return dict(sorted(Counter(s.structure for s in records).items()))
 
     def to_text(self) -> str:
         density = self.kept / self.numel if self.numel else 0.0
@@ -204,18 +215,36 @@ class TailorReport:
         if actions:
             lines.append("changed non-targets: " + ", ".join(f"{v} {k}" for k, v in sorted(actions.items())))
         cal = self.calibration
-        if cal:
+        for task in cal.get("tasks", []) if cal else []:  # a joint multi-task run (docs/METHOD.md §12)
+            lines.append(
+                f"calibration of {task['task']}: {len(task['lines'])} records, {task['n_tokens']} tokens "
+                f"({task['file']})"
+            )
+        if cal and "tasks" not in cal:
             lines.append(f"calibration: {len(cal.get('lines', []))} records, {cal.get('n_tokens', 0)} tokens")
         pre = self.preserve
         if pre:
+            origin = ", ".join(f"{v} {_ORIGINS.get(k, k)}" for k, v in pre.get("records", {}).items())
             lines.append(
                 f"preserve: {pre.get('source')} ({len(pre.get('lines', []))} records, {pre.get('n_tokens', 0)} "
-                f"tokens), lambda {pre.get('preserve_weight')}, structure {pre.get('structure')}"
+                f"tokens{'; ' + origin if origin else ''}), lambda {pre.get('preserve_weight')}, "
+                f"structure {pre.get('structure')}"
             )
+        if self.layers:
+            per = ", ".join(f"{v} {k}" for k, v in self.structures().items())
+            lines.append(f"structures: {per} tensor(s)")
         lines.append("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items()))
         lines += [f"warning: {w}" for w in self.warnings]
         lines += [f"{k}: {v}" for k, v in self.outputs.items()]
         return "\n".join(lines)
+
+
+_ORIGINS = {
+    "calibration_images": "from calibration images",
+    "calibration_texts": "from calibration texts",
+    "generic": "generic instructions",
+    "file": "from the file",
+}
 
 
 def _fmt(v: float | None) -> str:

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -62,13 +63,22 @@ def content_digest(paths: list[Path]) -> str:
 
 
 def run_key(
-    config_fingerprint: str, base: Path, finetuned: Path, calibration: Path | None, preserve: Path | None = None
+    config_fingerprint: str,
+    base: Path,
+    finetuned: Path | Sequence[Path],
+    calibration: Path | None | Sequence[Path | None],
+    preserve: Path | None = None,
 ) -> str:
+    """The work folder's key: the config, and the bytes of every input (each fine-tune and calibration file of
+    a multi-task run, in task order; one of each gives the key it always had)."""
     h = hashlib.sha256(config_fingerprint.encode())
-    for part in (base, finetuned):
-        h.update(content_digest(_input_files(part)).encode())
-    if calibration is not None:
-        h.update(calibration.read_bytes())
+    finetuneds = [finetuned] if isinstance(finetuned, Path) else list(finetuned)
+    calibrations = [calibration] if calibration is None or isinstance(calibration, Path) else list(calibration)
+    for part in (base, *finetuneds):
+        h.update(content_digest(_input_files(Path(part))).encode())
+    for path in calibrations:
+        if path is not None:
+            h.update(Path(path).read_bytes())
     if preserve is not None and preserve.is_file():  # "self" data is a function of base and config
         h.update(preserve.read_bytes())
     return h.hexdigest()[:16]

@@ -16,28 +16,41 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
-from model_tailor.calibration.data import build_calibration, read_records
+from model_tailor.calibration.data import CalibrationSet, read_records
 from model_tailor.config import TailorConfig
-from model_tailor.errors import CheckpointError
-from model_tailor.io.checkpoint import CheckpointReader, check_compatible
-from model_tailor.io.peft_adapter import AdapterReader, open_finetuned
+from model_tailor.io.checkpoint import CheckpointReader
+from model_tailor.io.peft_adapter import AdapterReader
 from model_tailor.patch.model import SparsePatch
 from model_tailor.pipeline.architectures import build_skeleton, checkpoint_names, discover_layout
 from model_tailor.pipeline.blocks import BlockDone, BlockRunner, Prepared
+from model_tailor.pipeline.distributed import Group, open_group
+from model_tailor.pipeline.multitask import (
+    build_calibrations,
+    describe_tasks,
+    open_tasks,
+    task_name,
+    tasks_calibration_info,
+    union_diff,
+)
 from model_tailor.pipeline.outputs import build_patch, calibration_info, guard_outputs, write_outputs
 from model_tailor.pipeline.planning import estimate_plan
 from model_tailor.pipeline.preserve import load_preserve
 from model_tailor.pipeline.report import TailorPlan, TailorReport
 from model_tailor.pipeline.resume import WorkDir
-from model_tailor.pipeline.targets import diff_checkpoints, select_targets
+from model_tailor.pipeline.targets import select_targets
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TailorResult", "plan_tailor", "run_tailor"]
+__all__ = ["Fixed", "TailorResult", "plan_tailor", "run_tailor"]
+
+#: Fixed keep masks and reference weights per target name (``combine --redecorate``), checkpoint layout.
+Fixed = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -51,27 +64,20 @@ class TailorResult:
 def _prepare(cfg: TailorConfig) -> Prepared:
     t0 = time.perf_counter()
     base = CheckpointReader(cfg.base)
-    ft = open_finetuned(cfg.finetuned, base)  # a PEFT adapter folder reads as base + adapter
-    bcfg, fcfg = base.config(), ft.config()
-    keys = ("model_type", "architectures")
-    if bcfg and fcfg and any(bcfg.get(k) != fcfg.get(k) for k in keys):
-        diffs = ", ".join(
-            f"{k}: base {bcfg.get(k)!r} vs finetuned {fcfg.get(k)!r}" for k in keys if bcfg.get(k) != fcfg.get(k)
-        )
-        raise CheckpointError(f"base and finetuned are different architectures ({diffs})")
-    check_compatible(base, ft)
+    ft, *others = open_tasks(cfg, base)  # same architecture, names and shapes; several: docs/METHOD.md §12
     names = base.names()
-    diff = diff_checkpoints(base, ft, names)
+    diff = union_diff(base, [ft, *others], names)
     model = build_skeleton(str(ft.config_dir))
     layout = discover_layout(model)
     param_names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
     to_ckpt = checkpoint_names(model, param_names, set(names))
-    include = ft.restrict_include(cfg.include) if isinstance(ft, AdapterReader) else cfg.include
+    adapter = isinstance(ft, AdapterReader) and not others  # a joint run's targets are its union diff
+    include = ft.restrict_include(cfg.include) if adapter else cfg.include
     plan = select_targets(
         model, layout, to_ckpt, diff, include=include, exclude=cfg.exclude, policy=cfg.non_target_policy
     )
-    plan = ft.label_plan(plan) if isinstance(ft, AdapterReader) else plan
-    return Prepared(base, ft, model, layout, to_ckpt, plan, time.perf_counter() - t0)
+    plan = ft.label_plan(plan) if adapter else plan
+    return Prepared(base, ft, model, layout, to_ckpt, plan, time.perf_counter() - t0, tuple(others))
 
 
 def plan_tailor(cfg: TailorConfig) -> TailorPlan:
@@ -80,11 +86,14 @@ def plan_tailor(cfg: TailorConfig) -> TailorPlan:
     prep = _prepare(cfg)
     n_records = None
     if cfg.calibration is not None:
-        n_records = len(read_records(cfg.calibration, allow_outside_paths=cfg.allow_outside_paths))
+        files = dict.fromkeys(cfg.calibration_paths)  # a file shared by several tasks counts once
+        n_records = sum(len(read_records(f, allow_outside_paths=cfg.allow_outside_paths)) for f in files)
     return estimate_plan(prep.model, prep.layout, prep.plan, prep.base, cfg, n_records)
 
 
-def run_tailor(cfg: TailorConfig, *, progress: bool = False, on_block_done: BlockDone | None = None) -> TailorResult:
+def run_tailor(
+    cfg: TailorConfig, *, progress: bool = False, on_block_done: BlockDone | None = None, fixed: Fixed | None = None
+) -> TailorResult:
     """Tailor ``cfg.finetuned`` against ``cfg.base``; write ``cfg.out`` (+ report) and ``cfg.save_model`` if
     set.
 
@@ -93,50 +102,68 @@ def run_tailor(cfg: TailorConfig, *, progress: bool = False, on_block_done: Bloc
         progress: show tqdm bars (stderr) per block.
         on_block_done: called with each block's path once it is tailored and checkpointed; an exception raised
             there stops the run as an interruption would (the finished blocks stay for a resumed run).
+        fixed: target name -> (keep mask, reference weight), both in checkpoint layout: those targets keep that
+            mask and end no worse than the reference (``combine --redecorate``, docs/METHOD.md §12).
 
     Returns:
         :class:`TailorResult` with the in-memory patch and report.
+
+    Under ``torchrun --nproc-per-node N`` (``WORLD_SIZE`` > 1) the ranks share the work
+    (:mod:`~model_tailor.pipeline.distributed`); every rank returns the same patch, rank 0 alone writes, and an
+    error on any rank ends all of them with that error.
     """
-    with guard_outputs(cfg) as workdir:  # checks, lock and work folder before any heavy work
-        return _run(cfg, progress, workdir, on_block_done)
+    with open_group(cfg.device) as group, group.guard():
+        outputs = guard_outputs(cfg) if group.primary else nullcontext(None)
+        with outputs as workdir:  # checks, lock and work folder before any heavy work
+            return _run(cfg, progress and group.primary, workdir, on_block_done, group, fixed)
 
 
-def _run(cfg: TailorConfig, progress: bool, workdir: WorkDir | None, on_block_done: BlockDone | None) -> TailorResult:
+def _data(
+    cfg: TailorConfig, prep: Prepared, runner: BlockRunner, group: Group, seconds: dict[str, float]
+) -> list[CalibrationSet]:
+    """Stage 3: each task's calibration set (none in the data-free mode) and, with ``preserve``, the preserve
+    data."""
+    t0 = time.perf_counter()
+    calibs = [] if cfg.data_free else build_calibrations(cfg, [prep.finetuned, *prep.others], type(prep.model))
+    for path, calib in zip(cfg.finetuned_paths, calibs, strict=False):  # no sets in the data-free mode
+        prefix = f"{task_name(path)}: " if cfg.multitask else ""
+        runner.warnings.extend(prefix + w for w in calib.warnings)
+    seconds["calibration"] = time.perf_counter() - t0
+    if cfg.preserve is not None:  # docs/METHOD.md §14; None runs exactly the plain pipeline
+        t0 = time.perf_counter()
+        mine = load_preserve(cfg, prep.finetuned.config_dir, type(prep.model)) if group.primary else None
+        runner.preserve = group.broadcast(mine)  # `self` is generated (and cached) once, on rank 0
+        runner.warnings.extend(f"preserve: {w}" for w in runner.preserve.calib.warnings)
+        seconds["preserve_data"] = time.perf_counter() - t0
+    return calibs
+
+
+def _run(
+    cfg: TailorConfig,
+    progress: bool,
+    workdir: WorkDir | None,
+    on_block_done: BlockDone | None,
+    group: Group,
+    fixed: Fixed | None = None,
+) -> TailorResult:
     seconds: dict[str, float] = {}
     prep = _prepare(cfg)
     seconds["load_and_diff"] = prep.seconds
     plan_view = estimate_plan(prep.model, prep.layout, prep.plan, prep.base, cfg, None)
-    runner = BlockRunner(cfg, prep, progress, on_block_done)
-    if workdir is not None:
-        runner.resume(workdir)
-    calib = None
-    t0 = time.perf_counter()
-    if not cfg.data_free:
-        calib = build_calibration(
-            cfg.calibration,
-            prep.finetuned.config_dir,
-            samples=cfg.samples,
-            max_tokens=cfg.max_tokens,
-            batch_size=cfg.batch_size,
-            seed=cfg.seed,
-            model_cls=type(prep.model),
-            allow_outside_paths=cfg.allow_outside_paths,
-        )
-        runner.warnings.extend(calib.warnings)
-    seconds["calibration"] = time.perf_counter() - t0
-    if cfg.preserve is not None:  # docs/METHOD.md §14; None runs exactly the plain pipeline
-        t0 = time.perf_counter()
-        runner.preserve = load_preserve(cfg, prep.finetuned.config_dir, type(prep.model))
-        runner.warnings.extend(f"preserve: {w}" for w in runner.preserve.calib.warnings)
-        seconds["preserve_data"] = time.perf_counter() - t0
+    runner = BlockRunner(cfg, prep, progress, on_block_done, group)
+    runner.resume(workdir)
+    calibs = _data(cfg, prep, runner, group, seconds)
+    calib = calibs[0] if calibs else None
     if cfg.granularity == "global":
         runner.global_masks()
+    for name, (mask, reference) in (fixed or {}).items():  # combine --redecorate: the union mask, kept values
+        runner.keep_masks[name], runner.references[name] = mask, reference
     t0 = time.perf_counter()
     with torch.no_grad():
         if calib is None:
             runner.data_free_targets()
         elif prep.plan.targets:
-            runner.block_lists(calib)
+            runner.block_lists(calibs)
         for nt in prep.plan.non_targets:  # resolve tailor-policy tensors (data-free) now, not while writing
             if nt.action == "tailor":
                 runner.source.get(nt.name)
@@ -154,13 +181,22 @@ def _run(cfg: TailorConfig, progress: bool, workdir: WorkDir | None, on_block_do
     )
     records = {**{n: s for layer in layers for n, s in layer.tensors.items()}, **runner.data_free}
     stats = {name: s.to_json() for name, s in records.items()}
-    report.calibration = calibration_info(cfg, calib)
+    report.calibration = tasks_calibration_info(cfg, calibs) if cfg.multitask else calibration_info(cfg, calib)
     if runner.preserve is not None:
         report.preserve = runner.preserve.info
+    tasks = describe_tasks(cfg, runner.source.tasks, calibs, runner.source) if cfg.multitask else {}
+
+    def make_patch() -> SparsePatch:
+        patch = build_patch(runner.source, prep.plan, config=report.config, stats=stats)
+        patch.metadata.multitask = tasks  # a joint patch's tasks (docs/METHOD.md §12); {} otherwise
+        return patch
+
+    if not group.primary:  # the same patch in memory; rank 0 writes it
+        return TailorResult(make_patch(), report)
     patch = write_outputs(
         cfg,
         runner.source,
-        lambda: build_patch(runner.source, prep.plan, config=report.config, stats=stats),
+        make_patch,
         report,
         preserve_records=runner.preserve.generated if runner.preserve is not None else None,
         workdir=workdir,

@@ -12,7 +12,7 @@ grows with one block, not with the model (LLM Compressor sequential onloading; d
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -79,6 +79,8 @@ class WeightSource:
         base, finetuned: checkpoint readers.
         plan: targets and non-target actions.
         tailor_free: callback computing a data-free tailored value for ``tailor``-policy tensors.
+        others: the other tasks' fine-tuned readers of a joint multi-task run (docs/METHOD.md §12); ``tasks``
+            lists every fine-tune, ``finetuned`` first. Each is read tensor by tensor, like ``finetuned``.
     """
 
     def __init__(
@@ -87,8 +89,10 @@ class WeightSource:
         finetuned,
         plan: TargetPlan,  # noqa: ANN001 - CheckpointReaders
         tailor_free: Callable[[str, torch.Tensor, torch.Tensor], SparseValues],
+        others: Sequence = (),
     ) -> None:
         self.base, self.finetuned = base, finetuned
+        self.tasks = [finetuned, *others]
         self.targets = {t.name for t in plan.targets}
         self.actions = {n.name: n.action for n in plan.non_targets}
         self.tailored: dict[str, SparseValues] = {}
@@ -98,7 +102,8 @@ class WeightSource:
         """Unmap both checkpoints and hand freed heap pages back to the OS after a block, so resident memory
         tracks one block rather than every block seen (the readers also release every few reads)."""
         self.base.close()
-        self.finetuned.close()
+        for ft in self.tasks:
+            ft.close()
         trim_heap()
 
     def get(self, name: str) -> torch.Tensor:
