@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
+import torch
 
 from model_tailor.bench.models import BuildConfig
 from model_tailor.bench.report import write_outputs
@@ -29,7 +31,7 @@ def test_bench_smoke(tmp_path, monkeypatch):
     result = run_bench(cfg)
     paths = write_outputs(result, tmp_path / "out")
     data = json.loads(paths["json"].read_text())
-    assert data["benchmark"] == "tailorbench" and data["version"] == 2 and data["quick"] is True
+    assert data["benchmark"] == "tailorbench" and data["version"] == 3 and data["quick"] is True
     methods = {r["method"] for r in data["rows"]}
     assert {"pretrained", "finetuned", "model_tailor"} <= methods
     if cfg.engine == "pipeline":  # preserve-aware rows on the bench-written user data, sparse and dense
@@ -56,8 +58,14 @@ def test_bench_smoke(tmp_path, monkeypatch):
             "ll_h_score",
             "intervals",
             "items",
+            "pair",
+            "kind",
+            "vs_full_finetune",
         ):
             assert key in row
+        assert row["pair"] == "main" and row["kind"] == (
+            "anchor" if row["method"] in ("pretrained", "finetuned") else "post-hoc"
+        )
         _check_items(row, tmp_path / "out", data["meta"]["task_sizes"])
     pre = next(r for r in data["rows"] if r["method"] == "pretrained")
     ft = next(r for r in data["rows"] if r["method"] == "finetuned")
@@ -94,6 +102,7 @@ def test_bench_smoke(tmp_path, monkeypatch):
             build=cfg.build,
             eval=cfg.eval,
             only=("magnitude", "ties"),
+            pairs=("main",),
         )
     )
     by_label = {(r.method, r.density): r for r in dedup.rows}
@@ -119,6 +128,7 @@ def test_bench_smoke(tmp_path, monkeypatch):
             build=cfg.build,
             eval=cfg.eval,
             only=("fapm", "svd", "lines", "revert_first_k", "model_tailor"),
+            pairs=("main",),  # the all-layers pair's rows are checked in _check_pairs_and_retraining
             resamples=500,
         )
     )
@@ -128,6 +138,8 @@ def test_bench_smoke(tmp_path, monkeypatch):
     for key in (("fapm", 0.1), ("svd", 0.1)):
         assert got[key].vs_tailor["reference"] == "model_tailor@0.1"
     assert got[("lines", None)].vs_tailor is None  # dense: no model_tailor row at its density
+
+    _check_pairs_and_retraining(cfg, monkeypatch, tmp_path)
 
     # mergekit peer rows (full variant, --methods 'mergekit*') on the same cached models, when installed.
     from model_tailor.bench import methods, peers
@@ -167,6 +179,99 @@ def test_bench_smoke(tmp_path, monkeypatch):
     assert dare.params["seed"] == 0 == dare.extra["mergekit"]["seed"]
     assert full.meta["versions"]["mergekit"] == peers.mergekit_version()
     assert not any((cfg.cache_dir / "tailorbench" / cfg.build.key() / "peers").iterdir()), "merge folders left"
+
+
+def _check_pairs_and_retraining(cfg: BenchConfig, monkeypatch, tmp_path) -> None:
+    """The full variant's retraining rows (LoRA r16 / r64 evaluated merged, rehearsal at 0.25 / 0.50), Model
+    Tailor on the LoRA r16 adapter folder (the LoRA pair) and the all-layers pair, one density each, on the same
+    cached pre-trained model (tiny steps)."""
+    if cfg.engine != "pipeline":
+        return
+    from model_tailor.bench import pairs
+    from model_tailor.bench import retrain as R
+    from model_tailor.bench.report import pareto_panels
+    from model_tailor.io.checkpoint import CheckpointReader
+    from model_tailor.io.peft_adapter import AdapterReader
+
+    monkeypatch.setattr(pairs, "LORA_TAILOR_DENSITIES", (0.1,))
+    monkeypatch.setattr(pairs, "ALL_LAYERS_DENSITIES", (0.1,))
+    full = dict(quick=False, cache_dir=cfg.cache_dir, engine=cfg.engine, build=cfg.build, eval=cfg.eval, resamples=200)
+    result = run_bench(BenchConfig(**full, only=("lora*", "rehearsal*")))
+    paths = write_outputs(result, tmp_path / "out-pairs")
+    data = json.loads(paths["json"].read_text())
+    assert data["version"] == 3
+    got = {(r["pair"], r["method"], r["density"]): r for r in data["rows"]}
+    assert list(got) == [
+        ("main", "pretrained", None),
+        ("main", "finetuned", None),
+        ("main", "lora_r16", None),
+        ("main", "lora_r64", None),
+        ("main", "rehearsal_0.25", None),
+        ("main", "rehearsal_0.50", None),
+        ("lora_r16", "pretrained", None),
+        ("lora_r16", "lora_r16", None),
+        ("lora_r16", "lora_r16+mt", 0.1),
+        ("all_layers", "pretrained", None),
+        ("all_layers", "finetuned", None),
+        ("all_layers", "lora_r16", None),
+    ]
+    for row in data["rows"]:
+        _check_items(row, tmp_path / "out-pairs", data["meta"]["task_sizes"])
+    retrain = {k for k, r in got.items() if r["kind"] == "retrain"}
+    assert {(p, m) for p, m, _ in retrain} == {
+        ("main", "lora_r16"),
+        ("main", "lora_r64"),
+        ("main", "rehearsal_0.25"),
+        ("main", "rehearsal_0.50"),
+        ("all_layers", "lora_r16"),
+    }
+    assert [k for k, r in got.items() if r["kind"] == "post-hoc"] == [("lora_r16", "lora_r16+mt", 0.1)]
+    assert all(r["kind"] == "anchor" for k, r in got.items() if k not in retrain and k[1] != "lora_r16+mt")
+    main_ft, lora = got[("main", "finetuned", None)], got[("main", "lora_r16", None)]
+    adapter = Path(lora["extra"]["retrain"]["folder"])
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+    assert lora["params"]["rank"] == 16 and lora["params"]["lora_alpha"] == 32
+    assert lora["extra"]["retrain"]["trainable"]["lora"] > 0
+    # evaluated merged: PEFT's merge_and_unload equals the pipeline's reading of the adapter (base + scale * B @ A)
+    pretrained = Path(data["meta"]["builds"]["main"]["pretrained"])
+    merged = R.merged_state(pretrained, adapter, "cpu")
+    q = "model.language_model.layers.3.self_attn.q_proj.weight"
+    with CheckpointReader(pretrained) as base:
+        name = next(n for n in base.names() if n.endswith("layers.3.self_attn.q_proj.weight") and "vision" not in n)
+        assert not torch.equal(merged[q], base.get(name))
+        torch.testing.assert_close(AdapterReader(adapter, base).get(name), merged[q], rtol=1e-5, atol=1e-6)
+    for share, batches in ((0.25, 2), (0.50, 3)):  # round(share * 6 tiny steps), halves up
+        info = got[("main", R.rehearsal_method(share), None)]["extra"]["retrain"]
+        assert info["rehearsal"]["rehearsal_batches"] == batches and info["rehearsal"]["steps"] == cfg.build.ft_steps
+    assert data["meta"]["preserve_data"]["check"]["records"] > 0  # the rehearsal rows' data passed the leak check
+    # the LoRA pair: tailored from the adapter folder, ratios against the LoRA, and against the full fine-tune too
+    mt, copy = got[("lora_r16", "lora_r16+mt", 0.1)], got[("lora_r16", "lora_r16", None)]
+    assert mt["extra"]["finetuned"] == str(adapter) and mt["extra"]["tailor"]["kept"] > 0
+    assert copy["extra"]["copy_of"] == "main:lora_r16" and copy["items"] == lora["items"]
+    assert copy["ll_target_ratio"] == 1.0 and copy["vs_full_finetune"]["ll_target_ratio"] == lora["ll_target_ratio"]
+    assert mt["vs_full_finetune"]["reference"] == "main:finetuned" and lora["vs_full_finetune"] is None
+    if main_ft["target_score"] > 0:
+        assert mt["vs_full_finetune"]["target_ratio"] == pytest.approx(mt["target_score"] / main_ft["target_score"])
+    # the all-layers pair: its own fine-tune of every layer, measured against it
+    every = data["meta"]["builds"]["all_layers"]
+    assert every["tuned_layers"] == [0, 1, 2, 3] and every["key"] == cfg.build.all_layers().key()
+    assert got[("all_layers", "finetuned", None)]["ll_target_ratio"] == 1.0
+    assert got[("all_layers", "finetuned", None)]["items"] != main_ft["items"]
+    assert got[("all_layers", "lora_r16", None)]["extra"]["retrain"]["folder"] != str(adapter)
+    assert list(dict.fromkeys(r.pair for r in result.rows)) == ["main", "lora_r16", "all_layers"]
+    assert set(pareto_panels(result)) <= {"main", "lora_r16", "all_layers"} and paths["png"].stat().st_size > 0
+    md = paths["md"].read_text()
+    assert "## Against the full fine-tune" in md and "| lora_r16+mt | lora_r16 |" in md
+
+    # --pairs all_layers: the headline rows of that pair alone, compared within it; its anchors are cached
+    headline = run_bench(BenchConfig(**full, only=("model_tailor", "magnitude"), pairs=("all_layers",)))
+    rows = {(r.method, r.density): r for r in headline.rows}
+    assert {r.pair for r in headline.rows} == {"all_layers"} and rows[("pretrained", None)].cached
+    assert set(rows) == {("pretrained", None), ("finetuned", None), ("model_tailor", 0.1), ("magnitude", 0.1)}
+    mag, ref = rows[("magnitude", 0.1)], rows[("model_tailor", 0.1)]
+    assert mag.vs_tailor["reference"] == "model_tailor@0.1"
+    if mag.vs_tailor["ll_h_score"] is not None:
+        assert mag.vs_tailor["ll_h_score"]["delta"] == pytest.approx(mag.ll_h_score - ref.ll_h_score)
 
 
 def _check_items(row: dict, out, sizes: dict) -> None:

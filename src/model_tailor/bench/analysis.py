@@ -1,9 +1,10 @@
 """TailorBench analysis: every row's metrics, intervals and comparison with Model Tailor, from its items.
 
 The formulas are ``bench.stats``'s; here the rows' per-item outcomes become ``(rows, items)`` matrices in
-one fixed item order (every row was evaluated on the same test items), the bootstrap runs once for all rows,
-and the results are written back into the rows. The comparison pairs each row with the ``model_tailor``
-row (the default options) at the same density; rows at a density without one get none.
+one fixed item order (every row was evaluated on the same test items), the bootstrap runs once per pair of
+models (``Row.pair``, ``bench.pairs``), and the results are written back into the rows. The comparison pairs
+each row with the ``model_tailor`` row (the default options) of its pair at the same density; rows at a
+density without one get none.
 """
 
 from __future__ import annotations
@@ -36,23 +37,26 @@ def item_matrices(rows: Sequence[Row], files: Mapping[str, dict], key: str) -> d
     return out
 
 
-def finalize(rows: list[Row], files: Mapping[str, dict], *, resamples: int = 2000, seed: int = 0) -> list[Row]:
-    """Fill the metrics, intervals and comparison of every row (which must all carry ``items``)."""
-    missing = [r.method for r in rows if r.items not in files]
-    if missing:
-        raise ValueError(f"rows without per-item outcomes: {missing}")
-    pre = next(i for i, r in enumerate(rows) if r.method == "pretrained")
-    ft = next(i for i, r in enumerate(rows) if r.method == "finetuned")
+def _bootstrap(rows: Sequence[Row], files: Mapping[str, dict], pre: int, ft: int, resamples: int, seed: int):
     hits, logprob = item_matrices(rows, files, "hit"), item_matrices(rows, files, "logprob")
-    result = stats.bootstrap(
-        hits, logprob, pre, ft, tuple(rows[0].original), tuple(rows[0].target), resamples=resamples, seed=seed
-    )
-    for i, r in enumerate(rows):
-        for key in stats.METRICS:
-            setattr(r, key, _number(result.points[key][i]))
-            bounds = result.interval(key, i)
-            r.intervals[key] = None if bounds is None else list(bounds)
-        r.loglik = {t: float(v[i].mean()) for t, v in logprob.items()}
+    original, target = tuple(rows[0].original), tuple(rows[0].target)
+    return stats.bootstrap(hits, logprob, pre, ft, original, target, resamples=resamples, seed=seed), logprob
+
+
+def _bounds(result: stats.Analysis, key: str, i: int) -> list[float] | None:
+    bounds = result.interval(key, i)
+    return None if bounds is None else list(bounds)
+
+
+def _anchor(rows: Sequence[Row], method: str, pair: str) -> int:
+    found = [i for i, r in enumerate(rows) if r.method == method]
+    if not found:
+        raise ValueError(f"pair {pair!r} has no {method!r} row to measure its ratios against")
+    return found[0]
+
+
+def _compare(rows: Sequence[Row], result: stats.Analysis) -> None:
+    """``vs_tailor``: each row against the pair's ``model_tailor`` row at the same density."""
     references = {r.density: i for i, r in enumerate(rows) if r.method == REFERENCE_METHOD}
     for i, r in enumerate(rows):
         ref = references.get(r.density)
@@ -64,4 +68,50 @@ def finalize(rows: list[Row], files: Mapping[str, dict], *, resamples: int = 200
             "h_score": result.difference("h_score", i, ref),
             "ll_h_score": result.difference("ll_h_score", i, ref),
         }
+
+
+def _against(rows: list[Row], reference: Row, name: str, files, resamples: int, seed: int) -> None:
+    """``vs_full_finetune``: the target-side metrics of ``rows`` with ``reference`` as the fine-tuned anchor."""
+    group = [*rows, reference]
+    result, _ = _bootstrap(group, files, _anchor(rows, "pretrained", name), len(rows), resamples, seed)
+    keys = ("target_ratio", "h_score", "ll_target_ratio", "ll_h_score")
+    for i, r in enumerate(rows):
+        r.vs_full_finetune = {"reference": f"{reference.pair}:{reference.method}"}
+        r.vs_full_finetune |= {k: _number(result.points[k][i]) for k in keys}
+        r.vs_full_finetune["intervals"] = {k: _bounds(result, k, i) for k in keys}
+
+
+def finalize(
+    rows: list[Row],
+    files: Mapping[str, dict],
+    *,
+    resamples: int = 2000,
+    seed: int = 0,
+    anchors: Mapping[str, str] | None = None,
+    full_finetune: Mapping[str, str] | None = None,
+) -> list[Row]:
+    """Fill the metrics, intervals and comparison of every row (which must all carry ``items``), pair by pair.
+
+    Each pair's ratios are against its own ``pretrained`` row and its fine-tuned anchor: ``anchors[pair]``
+    (default ``finetuned``). ``full_finetune[pair]`` names the pair whose ``finetuned`` row the pair's rows are
+    also measured against (``vs_full_finetune``). Every pair's bootstrap uses the same seed and the same items,
+    hence the same resamples: intervals stay paired across pairs.
+    """
+    missing = [r.method for r in rows if r.items not in files]
+    if missing:
+        raise ValueError(f"rows without per-item outcomes: {missing}")
+    anchors, full_finetune = anchors or {}, full_finetune or {}
+    for pair in dict.fromkeys(r.pair for r in rows):
+        group = [r for r in rows if r.pair == pair]
+        pre, ft = _anchor(group, "pretrained", pair), _anchor(group, anchors.get(pair, "finetuned"), pair)
+        result, logprob = _bootstrap(group, files, pre, ft, resamples, seed)
+        for i, r in enumerate(group):
+            for key in stats.METRICS:
+                setattr(r, key, _number(result.points[key][i]))
+                r.intervals[key] = _bounds(result, key, i)
+            r.loglik = {t: float(v[i].mean()) for t, v in logprob.items()}
+        _compare(group, result)
+        if pair in full_finetune:
+            other = [r for r in rows if r.pair == full_finetune[pair]]
+            _against(group, other[_anchor(other, "finetuned", full_finetune[pair])], pair, files, resamples, seed)
     return rows

@@ -99,7 +99,9 @@ def _ids(tokenizer: object, text: str) -> list[int]:
 def collate_train(
     tokenizer: object, batch: Sequence[Example], pixels: PixelCache, image_tokens: int
 ) -> dict[str, torch.Tensor]:
-    """Right-padded batch; labels cover only the response and its end-of-turn token (-100 elsewhere)."""
+    """Right-padded batch; labels cover only the response and its end-of-turn token (-100 elsewhere). Pixels
+    only for the examples with an image, in batch order (LLaVA fills the image tokens in that order), so a
+    batch may mix text-only and image records (rehearsal of the preserve data, ``bench.retrain``)."""
     rows, labels = [], []
     for ex in batch:
         prompt = _ids(
@@ -116,7 +118,7 @@ def collate_train(
         "labels": torch.tensor([lab + [-100] * (width - len(lab)) for lab in labels]),
     }
     if any(ex.image is not None for ex in batch):
-        out["pixel_values"] = pixels.get([ex.image for ex in batch])
+        out["pixel_values"] = pixels.get([ex.image for ex in batch if ex.image is not None])
     return out
 
 

@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 _LAYER = re.compile(r"^model\.language_model\.layers\.(\d+)\.")
 
 
-def read_calibration(path: Path, limit: int) -> list[Example]:
+def read_calibration(path: Path, limit: int | None = None) -> list[Example]:
+    """Prompt/response/image JSONL records (calibration or preserve data) as examples; the first ``limit``."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [
         Example(r["prompt"], path.parent / r["image"] if r.get("image") else None, r["response"]) for r in rows[:limit]

@@ -1,5 +1,8 @@
 """TailorBench preserve data and its leak check: the "user-style" preserve JSONL the preserve rows get, and
 the proof that none of it touches a test item (capital countries, images by path and pixels, VQA prompts).
+
+``preserve: self`` rows derive preserve data from the calibration inputs too (its images, asked generic prompts;
+docs/METHOD.md §14), so their check also covers every query that data can hold (:func:`calibration_self_queries`).
 """
 
 from __future__ import annotations
@@ -7,12 +10,15 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from model_tailor.bench import assets
 from model_tailor.bench.data import CAPITAL_QUESTION, VQA_SUFFIX, sample, write_preserve
 from model_tailor.bench.tasks import Task, normalize, split_capitals
 from model_tailor.errors import CalibrationError
+from model_tailor.options import IMAGE_PROMPTS
 
 PRESERVE_CAPTIONS = 32  # caption records in the bench's preserve data (plus one capital record per held-out country)
 
@@ -41,12 +47,40 @@ def write_bench_preserve(root: Path, seed: int) -> Path:
 _CAPITAL_RE = re.compile("^" + re.escape(CAPITAL_QUESTION).replace(re.escape("{country}"), "(.+)") + "$")
 
 
-def check_preserve_disjoint(path: Path, tasks: list[Task], self_instructions: list[str] | None = None) -> dict:
+def calibration_self_queries(calibration: Path) -> list[dict[str, Any]]:
+    """Every query ``preserve: self`` can derive from ``calibration`` for the bench's image-reading model, whatever
+    its record cap, seed and prompt count (all records, all generic image prompts), as JSON."""
+    from model_tailor.calibration.data import read_records
+    from model_tailor.calibration.selfcalib import CalibrationSelfSpec, plan_queries
+
+    records = read_records(calibration)
+    spec = CalibrationSelfSpec(records=len(records), image_prompts=len(IMAGE_PROMPTS))
+    return [q.key() for q in plan_queries(records, spec, reads_images=True)[0]]
+
+
+def _prompts(rec: dict[str, Any]) -> Iterator[str]:
+    """What a record (file record or self query) asks: its prompt, user turns and text."""
+    if isinstance(rec.get("prompt"), str):
+        yield rec["prompt"]
+    for m in rec.get("messages") or []:
+        if m.get("role") == "user" and isinstance(m.get("content"), str):
+            yield m["content"]
+    if isinstance(rec.get("text"), str):
+        yield rec["text"]
+
+
+def check_preserve_disjoint(
+    path: Path,
+    tasks: list[Task],
+    self_instructions: list[str] | None = None,
+    self_queries: list[dict[str, Any]] | None = None,
+) -> dict:
     """Fail loudly (:class:`LeakError`) if any preserve record touches a test item.
 
     Checked: capital questions name no country of the capital test pool (every quick/full subset draws from
     it) nor of this run's subset; images match no easy-VQA test image (path or pixels); no prompt is a VQA test
-    prompt or question. With ``self_instructions`` (``--preserve self``), none may name a test country.
+    prompt or question. With ``self_instructions`` (``--preserve self``), none may name a test country; with
+    ``self_queries`` (:func:`calibration_self_queries`), each query passes the record checks.
     """
     test_countries = {c.country for c in split_capitals()[0]}
     test_countries |= {
@@ -57,24 +91,34 @@ def check_preserve_disjoint(path: Path, tasks: list[Task], self_instructions: li
     test_hashes = {_sha(p) for p in test_paths}
     vqa_prompts = {ex.prompt for t in tasks if t.name == "easy_vqa" for ex in t.examples}
     vqa_prompts |= {it.question for it in test_items}
-    problems, n = [], 0
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        rec = json.loads(line)
-        prompt = rec.get("prompt", "")
-        if (m := _CAPITAL_RE.match(prompt)) and m.group(1) in test_countries:
-            problems.append(f"line {n}: capital question about test country {m.group(1)!r}")
-        if prompt in vqa_prompts or prompt.removesuffix(VQA_SUFFIX) in vqa_prompts:
-            problems.append(f"line {n}: prompt is a VQA test question")
+    records = [(f"line {n}", json.loads(line), path.parent) for n, line in enumerate(path.read_text().splitlines(), 1)]
+    n = len(records)
+    records += [
+        (f"self query {i} (calibration line {q['line']})", q, path.parent) for i, q in enumerate(self_queries or [], 1)
+    ]
+    problems = []
+    for where, rec, folder in records:
+        for prompt in _prompts(rec):
+            if (m := _CAPITAL_RE.match(prompt)) and m.group(1) in test_countries:
+                problems.append(f"{where}: capital question about test country {m.group(1)!r}")
+            if prompt in vqa_prompts or prompt.removesuffix(VQA_SUFFIX) in vqa_prompts:
+                problems.append(f"{where}: prompt is a VQA test question")
         if rec.get("image"):
-            img = (path.parent / rec["image"]).resolve()
+            img = (folder / rec["image"]).resolve()
             if img in test_paths or _sha(img) in test_hashes:
-                problems.append(f"line {n}: image {rec['image']} is an easy-VQA test image")
+                problems.append(f"{where}: image {rec['image']} is an easy-VQA test image")
     names = {c: f" {normalize(c)} " for c in test_countries}
-    for i, text in enumerate(self_instructions or [], 1):
+    asked = [*(self_instructions or []), *(p for q in self_queries or [] for p in _prompts(q))]
+    for i, text in enumerate(asked, 1):
         hits = [c for c, w in names.items() if w in f" {normalize(text)} "]
         if hits:
             problems.append(f"self instruction {i} names test countries {hits}: {text!r}")
     if problems:
         detail = "; ".join(problems[:8])
         raise LeakError(f"preserve data overlaps the test sets ({len(problems)} problem(s)): {detail}")
-    return {"records": n, "self_instructions": len(self_instructions or []), "test_countries": len(test_countries)}
+    return {
+        "records": n,
+        "self_instructions": len(self_instructions or []),
+        "self_queries": len(self_queries or []),
+        "test_countries": len(test_countries),
+    }

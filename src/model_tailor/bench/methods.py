@@ -107,20 +107,25 @@ def preserve_specs(quick: bool, engine: str, extended: bool = False) -> list[Met
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """One row to produce: ``method`` name, ``density`` (None for dense methods) and its parameters."""
+    """One row to produce: ``method`` name, ``density`` (None for dense methods), its parameters, and the
+    ``pair`` of models it tailors or retrains (``bench.pairs``; "main" is the bench's headline pair)."""
 
     method: str
     density: float | None = None
     params: dict = field(default_factory=dict)
+    pair: str = "main"
 
     @property
     def label(self) -> str:
         extra = ",".join(f"{k}={v}" for k, v in sorted(self.params.items()) if k not in ("engine",))
         dens = "" if self.density is None else f"@{self.density:g}"
-        return f"{self.method}{dens}" + (f"[{extra}]" if extra else "")
+        pair = "" if self.pair == "main" else f"{self.pair}:"
+        return f"{pair}{self.method}{dens}" + (f"[{extra}]" if extra else "")
 
     def key(self) -> str:
-        return json.dumps({"m": self.method, "d": self.density, "p": self.params}, sort_keys=True)
+        """Cache key; the main pair's keys leave the pair out, so they are those of the rows before pairs."""
+        pair = {} if self.pair == "main" else {"pair": self.pair}
+        return json.dumps({"m": self.method, "d": self.density, "p": self.params, **pair}, sort_keys=True)
 
 
 def select_specs(specs: list[MethodSpec], only: tuple[str, ...]) -> list[MethodSpec]:
@@ -128,9 +133,10 @@ def select_specs(specs: list[MethodSpec], only: tuple[str, ...]) -> list[MethodS
     ratio is relative to them). No pattern: every row."""
     if not only:
         return specs
-    keep = [s for s in specs if s.method in ("pretrained", "finetuned") or any(fnmatch(s.method, o) for o in only)]
-    if len(keep) == 2:
-        names = sorted({s.method for s in specs} - {"pretrained", "finetuned"})
+    anchors = ("pretrained", "finetuned")
+    keep = [s for s in specs if s.method in anchors or any(fnmatch(s.method, o) for o in only)]
+    if all(s.method in anchors for s in keep):
+        names = sorted({s.method for s in specs} - set(anchors))
         raise ConfigError(f"--methods {' '.join(only)} matches no row; rows are: {', '.join(names)}")
     return keep
 

@@ -16,6 +16,7 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -227,7 +228,7 @@ def _schedule(step: int, total: int) -> float:
     return (step + 1) / warm if step < warm else 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
 
-def _train(
+def train_steps(
     model,
     params_groups,
     examples: list[Example],
@@ -238,16 +239,21 @@ def _train(
     pixels: PixelCache,
     device: str,
     desc: str,
+    mix: Callable[[int, list[Example]], list[Example]] | None = None,
 ) -> float:
+    """AdamW on the response loss, warm-up + cosine; one seeded draw per step. ``mix(step, batch)`` may swap a
+    step's batch (rehearsal, ``bench.retrain``): every other step gets the batch it gets without ``mix``."""
     opt = torch.optim.AdamW(params_groups, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, steps))
     rng = torch.Generator().manual_seed(cfg.seed + 1)
     model.train()
     loss_avg = float("nan")
     with tqdm(range(steps), desc=desc, unit="step", leave=False) as bar:
-        for _ in bar:
+        for step in bar:
             idx = torch.randint(len(examples), (batch,), generator=rng).tolist()
-            data = collate_train(processor.tokenizer, [examples[i] for i in idx], pixels, cfg.image_tokens)
+            drawn = [examples[i] for i in idx]
+            drawn = drawn if mix is None else mix(step, drawn)
+            data = collate_train(processor.tokenizer, drawn, pixels, cfg.image_tokens)
             loss = response_loss(model, {k: v.to(device) for k, v in data.items()})
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -304,7 +310,8 @@ def train_vision_tower(model, labels, pixels: PixelCache, cfg: BuildConfig, devi
     return acc
 
 
-def _save(model, processor, out: Path, meta: dict) -> None:
+def save_folder(model, processor, out: Path, meta: dict) -> None:
+    """``save_pretrained`` of the model (or a PEFT adapter), the processor and ``tailorbench.json``, renamed in."""
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
@@ -334,15 +341,23 @@ def _build_stage1(cfg: BuildConfig, pre_dir: Path, labels: list, device: str) ->
     params = [{"params": _set_trainable(model, ("model.multi_modal_projector.",)), "lr": cfg.align_lr}]
     examples = caption_examples(labels)
     args = (cfg.align_steps, cfg.align_batch, cfg, processor, pixels, device, "stage 1b: projector alignment")
-    loss = _train(model, params, examples, *args)
+    loss = train_steps(model, params, examples, *args)
     seconds = time.perf_counter() - t0
     meta = {"build": asdict(cfg), "stage": "pretrained", "vision_acc": acc, "align_loss": loss, "seconds": seconds}
-    _save(model, processor, pre_dir, meta)
+    save_folder(model, processor, pre_dir, meta)
     return seconds
 
 
-def _build_finetune(cfg: BuildConfig, pre_dir: Path, ft_dir: Path, train_items: list, device: str) -> float:
-    """The fine-tune: the tuned layers (``BuildConfig.tuned_layers``) and the projector on easy-VQA."""
+def finetune_examples(cfg: BuildConfig, train_items: list) -> list[Example]:
+    """The fine-tune's easy-VQA draw (every fine-tune of a build, full, LoRA or rehearsal, trains on it)."""
+    return vqa_examples(sample(train_items, cfg.ft_steps * cfg.ft_batch * 4, cfg.seed + 3))
+
+
+def build_finetune(
+    cfg: BuildConfig, pre_dir: Path, ft_dir: Path, train_items: list, device: str, mix=None, meta: dict | None = None
+) -> float:
+    """The fine-tune: the tuned layers (``BuildConfig.tuned_layers``) and the projector on easy-VQA; ``mix`` and
+    ``meta`` as the rehearsal fine-tunes pass them (``bench.retrain``)."""
     t0 = time.perf_counter()
     model, processor = load_model(pre_dir, device)
     tuned = cfg.tuned_layers(model.config.text_config.num_hidden_layers)
@@ -351,12 +366,12 @@ def _build_finetune(cfg: BuildConfig, pre_dir: Path, ft_dir: Path, train_items: 
     for p in proj_params:
         p.requires_grad_(True)
     groups = [{"params": layer_params, "lr": cfg.ft_lr}, {"params": proj_params, "lr": cfg.ft_projector_lr}]
-    examples = vqa_examples(sample(train_items, cfg.ft_steps * cfg.ft_batch * 4, cfg.seed + 3))
     pixels = PixelCache(processor.image_processor)
     args = (cfg.ft_steps, cfg.ft_batch, cfg, processor, pixels, device, "fine-tune: easy-VQA")
-    loss = _train(model, groups, examples, *args)
+    loss = train_steps(model, groups, finetune_examples(cfg, train_items), *args, mix=mix)
     seconds = time.perf_counter() - t0
-    _save(model, processor, ft_dir, {"build": asdict(cfg), "stage": "finetuned", "ft_loss": loss, "seconds": seconds})
+    info = {"build": asdict(cfg), "stage": "finetuned", "ft_loss": loss, "seconds": seconds, **(meta or {})}
+    save_folder(model, processor, ft_dir, info)
     return seconds
 
 
@@ -372,7 +387,7 @@ def build_models(cfg: BuildConfig, cache_root: Path, device: str = "cpu") -> Bui
     if not (pre_dir / "config.json").exists():
         seconds["stage1"] = _build_stage1(cfg, pre_dir, assets.image_labels(train_items), device)
     if not (ft_dir / "config.json").exists():
-        seconds["finetune"] = _build_finetune(cfg, pre_dir, ft_dir, train_items, device)
+        seconds["finetune"] = build_finetune(cfg, pre_dir, ft_dir, train_items, device)
     if not (calib_dir / "calibration.jsonl").exists():
         # Calibration comes from the TRAIN split, disjoint from the fine-tuning draw's seed stream.
         write_calibration(sample(train_items, cfg.calibration_samples, cfg.seed + 4), calib_dir)

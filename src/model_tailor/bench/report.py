@@ -2,8 +2,10 @@
 
 Files are written atomically; the main Markdown table is also what ``model-tailor bench`` prints. Every
 metric cell reads ``value ± half-width`` of its 95% paired-bootstrap interval (``bench.stats``; the exact
-bounds are in results.json, ``intervals``). ``items/<key>.json`` holds each evaluated model's per-item
-outcomes and ``items/references.json`` the items themselves; each row names its file in ``items``.
+bounds are in results.json, ``intervals``). Each row names its pair (``bench.pairs``: the ratios are against
+that pair's anchors) and its kind (anchor, post-hoc, retrain); the comparison table compares within a pair, and
+``pareto.png`` has one panel per pair. ``items/<key>.json`` holds each evaluated model's per-item outcomes and
+``items/references.json`` the items themselves; each row names its file in ``items``.
 """
 
 from __future__ import annotations
@@ -38,11 +40,14 @@ def _fmt_interval(x: float | None, bounds: list[float] | None) -> str:
 
 def _params(row: Row) -> str:
     shown = {k: v for k, v in row.params.items() if k not in ("engine",)}
+    if isinstance(shown.get("adapter"), dict):  # the LoRA pair: its adapter's settings are the lora row's params
+        shown["adapter"] = f"lora_r{shown['adapter'].get('rank')}"
     return ", ".join(f"{k}={v}" for k, v in sorted(shown.items())) or ""
 
 
 def _name(row: Row) -> str:
-    return f"**{row.method}**" if row.method in HIGHLIGHT else row.method
+    name = f"**{row.method}**" if row.method in HIGHLIGHT else row.method
+    return name + (f" (= {row.extra['copy_of']})" if "copy_of" in row.extra else "")
 
 
 def _density(row: Row) -> str:
@@ -53,12 +58,14 @@ def markdown_table(result: BenchResult) -> str:
     """One line per row: accuracy per task, then the accuracy and likelihood ratios and H with intervals."""
     orig_tasks = list(result.rows[0].original) if result.rows else []
     tgt_tasks = list(result.rows[0].target) if result.rows else []
-    head = ["method", "density", "params", *orig_tasks, *tgt_tasks, "original", "target"]
+    head = ["method", "pair", "kind", "density", "params", *orig_tasks, *tgt_tasks, "original", "target"]
     head += [*METRIC_COLUMNS.values(), "seconds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result.rows:
         cells = [
             _name(r),
+            r.pair,
+            r.kind,
             _density(r),
             _params(r),
             *(_fmt(r.original[t]) for t in orig_tasks),
@@ -81,17 +88,51 @@ def _difference(diff: dict | None) -> list[str]:
 
 
 def comparison_table(result: BenchResult) -> str:
-    """Every row with a ``model_tailor`` row at its density: the paired-bootstrap difference in H (accuracy
-    and likelihood) with its 95% interval; ``*`` marks an interval that excludes 0."""
-    head = ["method", "density", "params", "ΔH vs model_tailor", "95% interval", "ΔLL H", "95% interval"]
+    """Every row with a ``model_tailor`` row of its pair at its density: the paired-bootstrap difference in H
+    (accuracy and likelihood) with its 95% interval; ``*`` marks an interval that excludes 0."""
+    head = ["method", "pair", "density", "params", "ΔH vs model_tailor", "95% interval", "ΔLL H", "95% interval"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result.rows:
         if r.vs_tailor is None:
             continue
-        cells = [_name(r), _density(r), _params(r), *_difference(r.vs_tailor.get("h_score"))]
+        cells = [_name(r), r.pair, _density(r), _params(r), *_difference(r.vs_tailor.get("h_score"))]
         cells += _difference(r.vs_tailor.get("ll_h_score"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def full_finetune_table(result: BenchResult) -> str:
+    """Rows of a pair whose fine-tuned anchor is not the full fine-tune (the LoRA pair), measured against the
+    full fine-tune as well: target ratio and H, accuracy and likelihood, with intervals."""
+    keys = ("target_ratio", "h_score", "ll_target_ratio", "ll_h_score")
+    head = ["method", "pair", "density", "against", *(METRIC_COLUMNS[k] for k in keys)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in result.rows:
+        v = r.vs_full_finetune
+        if v is None:
+            continue
+        cells = [_name(r), r.pair, _density(r), v["reference"]]
+        cells += [_fmt_interval(v.get(k), v.get("intervals", {}).get(k)) for k in keys]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def _layers(tuned: list[int] | None) -> str:
+    return f" (decoder layers {tuned[0]}–{tuned[-1]} tuned)" if tuned else ""
+
+
+def _pairs_text(result: BenchResult) -> str:
+    pairs = result.meta.get("pairs", {})
+    lines = "".join(
+        f"\n- `{name}`: {p.get('description', '')}{_layers(p.get('tuned_layers'))}" for name, p in pairs.items()
+    )
+    return (
+        f"Pairs (each row's ratios are against its pair's pre-trained and fine-tuned anchor):{lines}\n\n"
+        "Kinds: anchor = the pair's two models; post-hoc = computed from the pair's weights; retrain = a different "
+        "fine-tune on the same data, steps and schedule (LoRA, rehearsal of the preserve data).\n\n"
+        if pairs
+        else ""
+    )
 
 
 def markdown_report(result: BenchResult) -> str:
@@ -100,6 +141,7 @@ def markdown_report(result: BenchResult) -> str:
     notes = "".join(f"\n- {n}" for n in meta.get("notes", []))
     boot = meta.get("bootstrap", {})
     comparison = comparison_table(result)
+    against_full = full_finetune_table(result)
     return (
         f"# TailorBench ({'quick' if result.quick else 'full'})\n\n"
         f"Date {meta.get('date')}; machine {json.dumps(meta.get('machine'))}; engine {meta.get('engine')}.\n"
@@ -108,11 +150,17 @@ def markdown_report(result: BenchResult) -> str:
         f"accuracy). LL: the same from the teacher-forced likelihood of the reference answers, per task "
         f"exp(mean log-prob - the anchor's), averaged over the group's tasks. ± is half the 95% interval of a "
         f"paired bootstrap over test items ({boot.get('resamples')} resamples, stratified by task, seed "
-        f"{boot.get('seed')}).\n\n{markdown_table(result)}\n"
+        f"{boot.get('seed')}).\n\n{_pairs_text(result)}{markdown_table(result)}\n"
         + (
             f"\n## Against Model Tailor at the same density\n\nPaired-bootstrap difference in H (row - "
-            f"model_tailor); * = the 95% interval excludes 0.\n\n{comparison}\n"
+            f"model_tailor of the same pair); * = the 95% interval excludes 0.\n\n{comparison}\n"
             if comparison
+            else ""
+        )
+        + (
+            f"\n## Against the full fine-tune\n\nThe LoRA pair's rows with the main pair's full fine-tune as "
+            f"the target anchor (retention is unchanged: the same pre-trained model).\n\n{against_full}\n"
+            if against_full
             else ""
         )
         + (f"\nNotes:{notes}\n" if notes else "")
@@ -128,53 +176,71 @@ def frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return out[::-1]
 
 
+def pareto_panels(result: BenchResult) -> dict[str, list[Row]]:
+    """The plot's panels: pair -> its rows with both ratios known, pairs in row order."""
+    panels: dict[str, list[Row]] = {}
+    for r in result.rows:
+        if r.retention is not None and r.target_ratio is not None:
+            panels.setdefault(r.pair, []).append(r)
+    return panels
+
+
 def plot_pareto(result: BenchResult, path: Path) -> None:
-    """Retention (x) against target ratio (y), one point per row, and each method family's Pareto frontier
-    (upper-right envelope) as a line, 95% bootstrap intervals as error bars; Model Tailor and preserve-aware
-    Model Tailor highlighted."""
+    """One panel per pair: retention (x) against target ratio (y), one point per row, and each method family's
+    Pareto frontier (upper-right envelope) as a line, 95% bootstrap intervals as error bars; Model Tailor and
+    preserve-aware Model Tailor highlighted, anchors as stars, retraining rows as triangles."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 5.5))
+    panels = pareto_panels(result) or {"main": []}
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 5.5), squeeze=False)
+    for ax, (pair, rows) in zip(axes[0], panels.items(), strict=True):
+        _panel(ax, rows)
+        title = f"TailorBench ({'quick' if result.quick else 'full'}): dotted lines = paper's 99% / 97%"
+        ax.set_title(title if len(panels) == 1 else f"pair {pair}: {title.split(': ', 1)[1]}", fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def _panel(ax, rows: list[Row]) -> None:
     groups: dict[str, list[Row]] = {}
-    for r in result.rows:
-        if r.retention is not None and r.target_ratio is not None:
-            groups.setdefault(r.method, []).append(r)
-    for method, rows in sorted(groups.items()):
-        _error_bars(ax, rows, HIGHLIGHT.get(method, "grey"))
-        xs, ys = [r.retention for r in rows], [r.target_ratio for r in rows]
+    for r in rows:
+        groups.setdefault(r.method, []).append(r)
+    for method, group in sorted(groups.items()):
+        _error_bars(ax, group, HIGHLIGHT.get(method, "grey"))
+        xs, ys = [r.retention for r in group], [r.target_ratio for r in group]
         front = frontier(list(zip(xs, ys, strict=True)))
         fx, fy = [p[0] for p in front], [p[1] for p in front]
-        if method in HIGHLIGHT:
+        anchor = group[0].kind == "anchor"
+        if anchor:
+            ax.scatter(xs, ys, marker="*", s=180, color="black", zorder=7)
+        elif method in HIGHLIGHT:
             color = HIGHLIGHT[method]
             ax.scatter(xs, ys, marker="o", s=60, color=color, alpha=0.6, zorder=5)
             ax.plot(fx, fy, "o-", color=color, lw=2.5, ms=9, label=f"{method} (frontier)", zorder=6)
         elif method in MT_METHODS:
             ax.scatter(xs, ys, marker="D", s=50, color="salmon", label=method, zorder=4)
-        elif method in ("pretrained", "finetuned"):
-            ax.scatter(xs, ys, marker="*", s=180, color="black", zorder=7)
+        elif group[0].kind == "retrain":
+            ax.scatter(xs, ys, marker="^", s=70, label=f"{method} (retrain)", zorder=5)
         else:
             (line,) = ax.plot(fx, fy, "--", lw=1, alpha=0.8, label=f"{method} (frontier)")
             ax.scatter(xs, ys, marker="s", s=30, alpha=0.8, color=line.get_color())
-        for r in rows:
-            tag = method if method in ("pretrained", "finetuned") else ("" if r.density is None else f"{r.density:g}")
+        for r in group:
+            tag = method if anchor else ("" if r.density is None else f"{r.density:g}")
             if method == "model_tailor_preserve":
                 tag += _preserve_tag(r.params)
             ax.annotate(tag, (r.retention, r.target_ratio), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.axvline(0.99, color="grey", ls=":", lw=1)
     ax.axhline(0.97, color="grey", ls=":", lw=1)
     ax.set_xlabel("original-task retention (vs pre-trained)")
-    ax.set_ylabel("target-task ratio (vs fine-tuned)")
-    ax.set_title(f"TailorBench ({'quick' if result.quick else 'full'}): dotted lines = paper's 99% / 97%")
+    ax.set_ylabel("target-task ratio (vs the pair's fine-tuned model)")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, loc="lower left")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
 
 
 def _error_bars(ax, rows: list[Row], color: str) -> None:

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-RESULTS_VERSION = 2  # 2: per-item outcomes, likelihood metrics, bootstrap intervals, comparison with Model Tailor
+# 2: per-item outcomes, likelihood metrics, bootstrap intervals, comparison with Model Tailor;
+# 3: rows carry their pair and kind (anchor | post-hoc | retrain), LoRA-pair rows also score against the full fine-tune
+RESULTS_VERSION = 3
+KINDS = ("anchor", "post-hoc", "retrain")  # the pair's two models | computed from them | a different fine-tune
 
 
 @dataclass
@@ -34,6 +37,11 @@ class Row:
     intervals: dict[str, list[float] | None] = field(default_factory=dict)  # metric -> [low, high] (95%)
     vs_tailor: dict | None = None  # paired difference in H with model_tailor at the same density
     items: str | None = None  # per-item outcomes, relative to results.json
+    pair: str = "main"  # the (pre-trained, fine-tuned) pair its ratios are against (bench.pairs)
+    kind: str = "post-hoc"  # one of KINDS
+    # rows of a pair whose fine-tuned anchor is not the full fine-tune (the LoRA pair): target ratio and H against
+    # the full fine-tune too, with intervals; None elsewhere
+    vs_full_finetune: dict | None = None
 
 
 @dataclass

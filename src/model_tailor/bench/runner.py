@@ -1,10 +1,12 @@
 """TailorBench orchestration: build or reuse the models, produce every method row, evaluate, collect rows.
 
-The stage order lives here and only here: assets -> models (cached) -> tasks -> rows (baselines in memory,
-Model Tailor through ``methods.tailor_rows``, then the mergekit peers through ``methods.peer_rows`` when
-mergekit is installed) -> evaluation (cached per distinct set of weights, per-item outcomes kept) ->
-analysis (``bench.analysis``: metrics, bootstrap intervals, comparison) -> ``BenchResult``. Quick and full
-runs share the cached models; ``quick`` only shrinks the test subsets and the method list.
+The stage order lives here and only here, once per build of the rows' pairs (``bench.pairs``: the main build,
+then the all-layers one): assets -> models (cached) -> tasks -> rows (baselines in memory, the retraining rows
+of ``bench.retrain`` (cached fine-tunes), Model Tailor through ``methods.tailor_rows``, on the LoRA adapter
+for the LoRA pair, then the mergekit peers through ``methods.peer_rows`` when mergekit is installed) ->
+evaluation (cached per distinct set of weights, per-item outcomes kept) -> analysis (``bench.analysis``:
+metrics, bootstrap intervals, comparison, within each pair) -> ``BenchResult``. Quick and full runs share the
+cached models; ``quick`` only shrinks the test subsets and the method list.
 """
 
 from __future__ import annotations
@@ -12,22 +14,26 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import platform
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from model_tailor import __version__
 from model_tailor.bench import methods as M
-from model_tailor.bench import peers
+from model_tailor.bench import pairs as P
+from model_tailor.bench import retrain as R
 from model_tailor.bench.analysis import finalize
 from model_tailor.bench.data import PixelCache
 from model_tailor.bench.evaluation import evaluate
-from model_tailor.bench.leaks import PRESERVE_CAPTIONS, check_preserve_disjoint, write_bench_preserve
+from model_tailor.bench.leaks import (
+    PRESERVE_CAPTIONS,
+    calibration_self_queries,
+    check_preserve_disjoint,
+    write_bench_preserve,
+)
+from model_tailor.bench.meta import peer_notes, run_meta
 from model_tailor.bench.models import BuildConfig, BuiltModels, build_models, load_model
 from model_tailor.bench.results import BenchResult, Row
 from model_tailor.bench.tasks import ORIGINAL_TASKS, TARGET_TASKS, EvalConfig, Task, build_tasks, split_capitals
@@ -54,48 +60,13 @@ class BenchConfig:
     eval: EvalConfig | None = None  # default: quick or full subsets
     reuse_evals: bool = True
     only: tuple[str, ...] = ()  # method-name globs (``--methods``); empty = every row of the variant
+    pairs: tuple[str, ...] = ()  # ``--pairs`` (bench.pairs); empty = the main pair and every pair with a row
     extended: bool = False  # full variant plus the preserve ablations (``--extended``; methods.preserve_specs)
     resamples: int = 2000  # bootstrap resamples of the test items (``--resamples``)
     bootstrap_seed: int = 0
 
     def eval_config(self) -> EvalConfig:
         return self.eval or (EvalConfig.quick() if self.quick else EvalConfig())
-
-
-def _versions() -> dict[str, str]:
-    import transformers
-
-    versions = {
-        "model_tailor": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-    }
-    if peers.is_available():
-        versions["mergekit"] = peers.mergekit_version()
-    return versions
-
-
-def peer_notes(quick: bool, specs: list[M.MethodSpec]) -> list[str]:
-    """The report's line about the mergekit peer rows (none when they ran or were left out by ``--methods``)."""
-    if not peers.is_available():
-        return [f"peers not run: mergekit is not installed ({peers.INSTALL_HINT})"]
-    if quick:
-        return ["peers not run: the mergekit rows are in the full variant only"]
-    ran = sorted({s.method for s in specs if M.is_peer(s)})
-    return [f"peers: {', '.join(ran)} run by mergekit {peers.mergekit_version()} on the same pair"] if ran else []
-
-
-def _machine(device: str) -> dict:
-    info = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_threads": torch.get_num_threads(),
-        "device": device,
-    }
-    if device.startswith("cuda") and torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
 
 
 def _eval_key(cfg: BenchConfig, spec: M.MethodSpec) -> str:
@@ -165,7 +136,7 @@ class _Session:
         path = self.eval_dir / f"{_eval_key(self.cfg, spec)}.json"
         if not (self.cfg.reuse_evals and path.exists()):
             return None
-        row = Row(**{**json.loads(path.read_text()), "cached": True})
+        row = Row(**{**json.loads(path.read_text()), "cached": True, "pair": spec.pair, "kind": P.kind_of(spec)})
         weights = self.eval_dir / f"w-{Path(row.items or '').stem}.json"
         if row.items is None or not weights.exists():
             return None
@@ -185,7 +156,7 @@ class _Session:
             result = evaluate(
                 self.model, self.processor, self.tasks, self.pixels, self.ecfg, self.image_tokens, spec.label
             )
-            self.model.load_state_dict({n: self.base[n] for n in self.names}, strict=False)
+            self.model.load_state_dict({n: self.base[n] for n in overrides}, strict=False)
             data = {"label": spec.label, "scores": result.scores, "samples": result.samples, "items": result.items}
             self.by_weights[digest] = data
             atomic_write_text(path, json.dumps(data))
@@ -215,6 +186,8 @@ class _Session:
             seconds=seconds,
             extra={**extra, "samples": result["samples"]},
             items=items,
+            pair=spec.pair,
+            kind=P.kind_of(spec),
         )
         atomic_write_text(self.eval_dir / f"{_eval_key(self.cfg, spec)}.json", json.dumps(asdict(row)))
         return row
@@ -266,20 +239,37 @@ def _baseline_rows(s: _Session, specs: list[M.MethodSpec]) -> list[Row]:
 
 
 def _preserve_data(s: _Session, specs: list[M.MethodSpec]) -> tuple[Path | None, dict | None]:
-    """The bench-written preserve data and its leak check, when a preserve row is listed (even if cached)."""
-    if not any(spec.method == M.PRESERVE_METHOD for spec in specs):
+    """The bench-written preserve data and its leak check, when a preserve or rehearsal row is listed (even if
+    cached)."""
+    if not any(spec.method == M.PRESERVE_METHOD or R.is_rehearsal(spec.method) for spec in specs):
         return None, None
     from model_tailor.calibration.selfgen import load_instructions
 
     path = write_bench_preserve(s.built.root, s.cfg.build.seed)
     uses_self = any(spec.params.get("preserve") == "self" for spec in specs if spec.method == M.PRESERVE_METHOD)
-    return path, check_preserve_disjoint(path, s.tasks, load_instructions() if uses_self else None)
+    if not uses_self:
+        return path, check_preserve_disjoint(path, s.tasks)
+    # `self` also answers the calibration inputs: every query it can derive from them is checked too
+    queries = calibration_self_queries(s.built.calibration)
+    return path, check_preserve_disjoint(path, s.tasks, load_instructions(), queries)
 
 
-def _tailor_rows(s: _Session, specs: list[M.MethodSpec], preserve: Path | None, to_ckpt: dict) -> list[Row]:
+def _retrain_rows(s: _Session, specs: list[M.MethodSpec], preserve: Path | None) -> list[Row]:
+    """LoRA (evaluated merged) and rehearsal fine-tunes; ``seconds`` is the fine-tune's, like the finetuned row's."""
+    rows = []
+    for spec in specs:
+        got = R.retrained(spec.method, spec.params, s.cfg.build, s.built, preserve, s.cfg.device)
+        names = sorted(set(s.names) | set(M.changed_tensors(s.base, got.state)))
+        rows.append(s.score(spec, {n: got.state[n] for n in names}, got.seconds, {"retrain": got.info}))
+    return rows
+
+
+def _tailor_rows(
+    s: _Session, specs: list[M.MethodSpec], preserve: Path | None, to_ckpt: dict, finetuned: Path | None = None
+) -> list[Row]:
     inputs = M.TailorInputs(
         s.built.pretrained,
-        s.built.finetuned,
+        finetuned or s.built.finetuned,
         s.built.calibration,
         s.built.tuned_layers,
         s.cfg.build.calibration_samples,
@@ -292,10 +282,21 @@ def _tailor_rows(s: _Session, specs: list[M.MethodSpec], preserve: Path | None, 
         s.cfg.cache_dir,
     )
     inputs.work_dir.mkdir(exist_ok=True)
+    extra = {} if finetuned is None else {"finetuned": str(finetuned)}
     return [
-        s.score(spec, overrides, seconds, {"tailor": summary})
+        s.score(spec, overrides, seconds, {"tailor": summary, **extra})
         for spec, overrides, seconds, summary in M.tailor_rows(specs, inputs, s.base, s.finetuned, s.names)
     ]
+
+
+def _adapter_rows(s: _Session, specs: list[M.MethodSpec], to_ckpt: dict) -> list[Row]:
+    """Model Tailor with ``--finetuned`` the LoRA adapter folder (the pipeline reads it as base + adapter)."""
+    rows = []
+    for settings in dict.fromkeys(R.LoraSettings(**spec.params["adapter"]) for spec in specs):
+        adapter = R.lora_adapter(s.cfg.build, settings, s.built, s.cfg.device)
+        group = [spec for spec in specs if R.LoraSettings(**spec.params["adapter"]) == settings]
+        rows += _tailor_rows(s, group, None, to_ckpt, finetuned=adapter)
+    return rows
 
 
 def _peer_rows(s: _Session, specs: list[M.MethodSpec], to_ckpt: dict) -> list[Row]:
@@ -304,64 +305,74 @@ def _peer_rows(s: _Session, specs: list[M.MethodSpec], to_ckpt: dict) -> list[Ro
     return [s.score(spec, overrides, seconds, extra) for spec, overrides, seconds, extra in merged]
 
 
-def _meta(s: _Session, specs: list[M.MethodSpec], rows: list[Row], preserve: tuple, seconds: float) -> dict:
-    notes = peer_notes(s.cfg.quick, specs)
-    same = [
-        f"{M.MethodSpec(r.method, r.density, r.params).label} = {r.extra['same_weights_as']}"
-        for r in rows
-        if "same_weights_as" in r.extra
-    ]
-    if same:
-        notes.append("bit-identical weights, evaluated once: " + "; ".join(same))
-    path, check = preserve
-    return {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": _machine(s.cfg.device),
-        "versions": _versions(),
-        "engine": s.cfg.engine,
-        "build": {
-            **asdict(s.cfg.build),
-            "key": s.cfg.build.key(),
-            "seconds": s.built.seconds,
-            "tuned_layers": list(s.built.tuned_layers),
-            "changed_tensors": len(s.names),
-        },
-        "eval": asdict(s.ecfg),
-        "task_sizes": {t.name: len(t.examples) for t in s.tasks},
-        "bootstrap": {"resamples": s.cfg.resamples, "seed": s.cfg.bootstrap_seed, "level": 0.95, "paired": True},
-        "preserve_data": None if path is None else {"path": str(path), "check": check},
-        "notes": notes,
-        "total_seconds": seconds,
-    }
+def _category(spec: M.MethodSpec) -> str:
+    if R.is_retrain(spec.method):
+        return "retrain"
+    if "adapter" in spec.params:
+        return "adapter"
+    return "tailor" if spec.method in M.TAILOR_METHODS else "peer" if M.is_peer(spec) else "baseline"
 
 
-def run_bench(cfg: BenchConfig) -> BenchResult:
-    """Run the benchmark and return its rows (nothing is written here; see ``report.write_outputs``)."""
-    t_start = time.perf_counter()
-    s = _open(cfg)
-    specs = M.select_specs(M.method_specs(cfg.quick, cfg.engine, cfg.extended), cfg.only)
+def _build_rows(s: _Session, specs: list[M.MethodSpec]) -> tuple[list[Row], dict]:
+    """Every row of one build's pairs (cached or produced), and that build's metadata."""
     rows: list[Row] = []
-    todo: dict[str, list[M.MethodSpec]] = {"baseline": [], "tailor": [], "peer": []}
+    todo: dict[str, list[M.MethodSpec]] = {k: [] for k in ("baseline", "retrain", "tailor", "adapter", "peer")}
     for spec in M.progress(specs, "tailorbench rows"):
         hit = s.cached_row(spec)
         if hit is not None:
             rows.append(hit)
         else:
-            kind = "tailor" if spec.method in M.TAILOR_METHODS else "peer" if M.is_peer(spec) else "baseline"
-            todo[kind].append(spec)
+            todo[_category(spec)].append(spec)
     rows += _baseline_rows(s, todo["baseline"])
-    preserve = _preserve_data(s, specs)
+    path, check = _preserve_data(s, specs)
+    rows += _retrain_rows(s, todo["retrain"], path)
     to_ckpt: dict[str, str] = {}
-    if todo["tailor"] or todo["peer"]:
+    if todo["tailor"] or todo["adapter"] or todo["peer"]:
         with CheckpointReader(s.built.pretrained) as reader:
             to_ckpt = checkpoint_names(s.model, s.names, set(reader.names()))
     if todo["tailor"]:
-        rows += _tailor_rows(s, todo["tailor"], preserve[0], to_ckpt)
+        rows += _tailor_rows(s, todo["tailor"], path, to_ckpt)
+    rows += _adapter_rows(s, todo["adapter"], to_ckpt)
     if todo["peer"]:
         rows += _peer_rows(s, todo["peer"], to_ckpt)
-    order = {spec.key(): i for i, spec in enumerate(specs)}
-    rows.sort(key=lambda r: order.get(M.MethodSpec(r.method, r.density, r.params).key(), 1 << 30))
-    files = {r.items: s.files[r.items] for r in rows} | {"items/references.json": _references(s.tasks)}
-    finalize(rows, files, resamples=cfg.resamples, seed=cfg.bootstrap_seed)
-    meta = _meta(s, specs, rows, preserve, time.perf_counter() - t_start)
+    build = {
+        **asdict(s.cfg.build),
+        "key": s.cfg.build.key(),
+        "pretrained": str(s.built.pretrained),
+        "finetuned": str(s.built.finetuned),
+        "seconds": s.built.seconds,
+        "tuned_layers": list(s.built.tuned_layers),
+        "changed_tensors": len(s.names),
+    }
+    preserve = None if path is None else {"path": str(path), "check": check}
+    return rows, {"build": build, "task_sizes": {t.name: len(t.examples) for t in s.tasks}, "preserve_data": preserve}
+
+
+def run_bench(cfg: BenchConfig) -> BenchResult:
+    """Run the benchmark and return its rows (nothing is written here; see ``report.write_outputs``).
+
+    One build at a time (its models loaded, then released): the main build's pairs, then the all-layers one's.
+    """
+    t_start = time.perf_counter()
+    specs = P.select(P.variant_specs(cfg.quick, cfg.engine, cfg.extended, cfg.build), cfg.only, cfg.pairs)
+    rows: list[Row] = []
+    files: dict[str, dict] = {}
+    builds: dict[str, dict] = {}
+    for name in dict.fromkeys(P.PAIRS[spec.pair].build for spec in specs):
+        s = _open(replace(cfg, build=P.build_config(cfg.build, name)))
+        got, builds[name] = _build_rows(s, [spec for spec in specs if P.PAIRS[spec.pair].build == name])
+        rows += got
+        files |= s.files | {"items/references.json": _references(s.tasks)}
+        del s, got
+    rows = P.arrange(rows, specs)
+    files = {r.items: files[r.items] for r in rows} | {"items/references.json": files["items/references.json"]}
+    finalize(
+        rows,
+        files,
+        resamples=cfg.resamples,
+        seed=cfg.bootstrap_seed,
+        anchors=P.anchors(),
+        full_finetune=P.full_finetune(),
+    )
+    meta = run_meta(cfg, specs, rows, builds, time.perf_counter() - t_start)
     return BenchResult(cfg.quick, rows, meta, files)

@@ -52,6 +52,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="GLOB",
         help="only rows whose method matches (e.g. 'model_tailor*'); pretrained/finetuned always run",
     )
+    p.add_argument(
+        "--pairs",
+        nargs="+",
+        default=(),
+        metavar="PAIR",
+        help="only rows of these pairs (main, lora_r16, all_layers; full variant) and the anchors they need "
+        "(default: main and every pair with a row --methods picks)",
+    )
     p.set_defaults(func=run)
 
 
@@ -80,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
         engine=args.engine,
         reuse_evals=not args.no_eval_cache,
         only=tuple(args.methods),
+        pairs=tuple(args.pairs),
         resamples=args.resamples,
         bootstrap_seed=args.bootstrap_seed,
     )

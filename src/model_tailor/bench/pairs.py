@@ -1,0 +1,166 @@
+"""TailorBench pairs: the (pre-trained, fine-tuned) pair every row is measured against, and the rows beyond the
+main matrix (full variant only; ``--quick`` lists the main pair's quick rows alone).
+
+* ``main``: the bench's fine-tune (the last ``tune_last`` decoder layers + projector, full fine-tuning): every
+  row of ``methods.method_specs``, plus the retraining rows of ``bench.retrain`` (``lora_r16``, ``lora_r64``,
+  ``rehearsal_0.25``, ``rehearsal_0.50``), whose target ratio is against the full fine-tune.
+* ``lora_r16``: the pre-trained model and the main pair's LoRA r16 fine-tune, tailored from its adapter folder
+  (``--finetuned ADAPTER``, always by the pipeline engine: the in-memory one reads model folders only). Its
+  fine-tuned anchor is the ``lora_r16`` row; its rows are also measured against the full fine-tune
+  (``Row.vs_full_finetune``). Its ``pretrained`` and ``lora_r16`` rows are copies of the main pair's (the same
+  models, one evaluation).
+* ``all_layers``: every decoder layer + projector fine-tuned (``BuildConfig.all_layers``, the same pre-trained
+  model), with the headline rows: anchors, Model Tailor at 0.05 / 0.10, the preserve rows that scored best in
+  the 2026-11-24 full run (lowrank 0.10, sparse dense) and the default sparse 0.10, magnitude and FAPM at
+  0.05 / 0.10, and LoRA r16 on every layer.
+
+Ratios, intervals and the comparison with Model Tailor are computed within a pair (``analysis.finalize``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from model_tailor.bench import retrain as R
+from model_tailor.bench.methods import MT_VARIANTS, MethodSpec, method_specs, preserve_spec, select_specs
+from model_tailor.bench.models import BuildConfig
+from model_tailor.bench.results import Row
+from model_tailor.errors import ConfigError
+
+MAIN = "main"
+ANCHOR_METHODS = ("pretrained", "finetuned")
+LORA_RANKS = (16, 64)
+REHEARSAL_SHARES = (0.25, 0.50)
+LORA_TAILOR_RANK = 16
+LORA_TAILOR_DENSITIES = (0.05, 0.10)
+ALL_LAYERS_DENSITIES = (0.05, 0.10)
+ALL_LAYERS_PRESERVE = ((0.10, "sparse"), (0.10, "lowrank"), (1.0, "sparse"))  # (density, structure)
+ALL_LAYERS_BASELINES = ("magnitude", "fapm")
+
+
+@dataclass(frozen=True)
+class Pair:
+    """How a pair's rows are measured: its models' build, its fine-tuned anchor's method, the main-pair rows it
+    copies in as anchors, and the pair whose full fine-tune it is also measured against."""
+
+    build: str  # "main" | "all_layers": which BuildConfig its models come from
+    finetuned: str = "finetuned"
+    borrowed: tuple[str, ...] = ()
+    full_finetune: str | None = None
+    description: str = ""
+
+
+PAIRS: dict[str, Pair] = {
+    MAIN: Pair("main", description="the bench's fine-tune: the last tune_last decoder layers + projector, full"),
+    "lora_r16": Pair(
+        "main",
+        finetuned="lora_r16",
+        borrowed=("pretrained", "lora_r16"),
+        full_finetune=MAIN,
+        description="the main pair's LoRA r16 fine-tune, tailored from its adapter folder; target ratio against "
+        "the LoRA fine-tune (vs_full_finetune: against the full fine-tune)",
+    ),
+    "all_layers": Pair("all_layers", description="every decoder layer + projector, full fine-tune"),
+}
+
+
+def build_config(main: BuildConfig, build: str) -> BuildConfig:
+    return main if build == "main" else main.all_layers()
+
+
+def kind_of(spec: MethodSpec) -> str:
+    """``anchor`` (the pair's two models), ``retrain`` (a different fine-tune) or ``post-hoc``."""
+    if spec.method in ("pretrained", PAIRS[spec.pair].finetuned):
+        return "anchor"
+    return "retrain" if R.is_retrain(spec.method) else "post-hoc"
+
+
+def lora_spec(build: BuildConfig, rank: int, pair: str = MAIN) -> MethodSpec:
+    settings = R.LoraSettings.for_build(build, rank)
+    return MethodSpec(settings.method, None, settings.params(), pair)
+
+
+def retrain_specs(build: BuildConfig) -> list[MethodSpec]:
+    """The main pair's LoRA and rehearsal rows."""
+    lora = [lora_spec(build, r) for r in LORA_RANKS]
+    return lora + [MethodSpec(R.rehearsal_method(s), None, {"share": s}) for s in REHEARSAL_SHARES]
+
+
+def lora_tailor_specs(build: BuildConfig) -> list[MethodSpec]:
+    """Model Tailor on the LoRA pair; ``adapter`` holds the LoRA's settings, so its cache key follows them."""
+    adapter = R.LoraSettings.for_build(build, LORA_TAILOR_RANK)
+    params = {**MT_VARIANTS["model_tailor"], "engine": "pipeline", "adapter": adapter.params()}
+    return [MethodSpec(f"{adapter.method}+mt", d, params, adapter.method) for d in LORA_TAILOR_DENSITIES]
+
+
+def all_layers_specs(engine: str, build: BuildConfig) -> list[MethodSpec]:
+    pair = "all_layers"
+    rows = [MethodSpec(m, pair=pair) for m in ANCHOR_METHODS]
+    mt = {**MT_VARIANTS["model_tailor"], "engine": engine}
+    rows += [MethodSpec("model_tailor", d, mt, pair) for d in ALL_LAYERS_DENSITIES]
+    if engine == "pipeline":  # the in-memory engine has no preserve stream
+        rows += [replace(preserve_spec(d, engine, structure=st), pair=pair) for d, st in ALL_LAYERS_PRESERVE]
+    rows += [MethodSpec(m, d, pair=pair) for m in ALL_LAYERS_BASELINES for d in ALL_LAYERS_DENSITIES]
+    return rows + [lora_spec(build.all_layers(), LORA_TAILOR_RANK, pair)]
+
+
+def variant_specs(quick: bool, engine: str, extended: bool, build: BuildConfig) -> list[MethodSpec]:
+    """Every row of the variant: ``methods.method_specs`` and, in the full variant, the retraining rows, the
+    LoRA pair and the all-layers pair."""
+    rows = method_specs(quick, engine, extended)
+    if quick:
+        return rows
+    return rows + retrain_specs(build) + lora_tailor_specs(build) + all_layers_specs(engine, build)
+
+
+def _needed(pair: str) -> set[tuple[str, str]]:
+    """The (pair, method) rows a pair cannot be measured without."""
+    p = PAIRS[pair]
+    own = {(pair, m) for m in ("pretrained", p.finetuned) if m not in p.borrowed}
+    own |= {(MAIN, m) for m in p.borrowed}
+    return own | ({(p.full_finetune, "finetuned")} if p.full_finetune else set())
+
+
+def select(specs: list[MethodSpec], only: Sequence[str] = (), pairs: Sequence[str] = ()) -> list[MethodSpec]:
+    """Rows matching ``only`` (``methods.select_specs``) in the ``pairs`` asked for (default: the main pair and
+    every pair with a matching row), plus every anchor those pairs are measured against."""
+    listed = list(dict.fromkeys(s.pair for s in specs))
+    unknown = [p for p in pairs if p not in listed]
+    if unknown:
+        raise ConfigError(f"--pairs {' '.join(unknown)}: not in this variant; its pairs are {', '.join(listed)}")
+    picked = select_specs(specs, tuple(only))
+    if pairs:
+        keep = set(pairs)
+        if only and not any(s.pair in keep and s.method not in ANCHOR_METHODS for s in picked):
+            raise ConfigError(f"--methods {' '.join(only)} matches no row of --pairs {' '.join(pairs)}")
+    else:
+        keep = {MAIN} | {s.pair for s in picked if s.method not in ANCHOR_METHODS}
+    needed = set().union(*(_needed(p) for p in keep))
+    chosen = {s.key() for s in picked if s.pair in keep}
+    return [s for s in specs if s.key() in chosen or (s.pair, s.method) in needed]
+
+
+def arrange(rows: list[Row], specs: list[MethodSpec]) -> list[Row]:
+    """Rows in ``specs`` order, pair by pair, each pair led by copies of the main-pair rows it borrows."""
+    order = {s.key(): i for i, s in enumerate(specs)}
+    rows = sorted(rows, key=lambda r: order.get(MethodSpec(r.method, r.density, r.params, r.pair).key(), 1 << 30))
+    out: list[Row] = []
+    for name in dict.fromkeys(r.pair for r in rows):
+        for method in PAIRS[name].borrowed:
+            src = next(r for r in rows if r.pair == MAIN and r.method == method)
+            kind = kind_of(MethodSpec(method, pair=name))
+            extra = {**src.extra, "copy_of": f"{MAIN}:{method}"}
+            out.append(replace(src, pair=name, kind=kind, extra=extra, intervals={}, vs_tailor=None))
+        out += [r for r in rows if r.pair == name]
+    return out
+
+
+def anchors() -> dict[str, str]:
+    """``analysis.finalize``'s ``anchors``: pair -> its fine-tuned anchor's method."""
+    return {name: p.finetuned for name, p in PAIRS.items()}
+
+
+def full_finetune() -> dict[str, str]:
+    """``analysis.finalize``'s ``full_finetune``: pair -> the pair whose full fine-tune it is also measured by."""
+    return {name: p.full_finetune for name, p in PAIRS.items() if p.full_finetune}
