@@ -219,6 +219,8 @@ def table(rows: list[ScaleRow]) -> str:
 def run(args: argparse.Namespace) -> dict:
     """Measure every N and write the JSON; returns what was written."""
     shape = Shape(args.hidden, args.intermediate, args.heads, args.vocab)
+    if args.tmp:
+        Path(args.tmp).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench-scale-", dir=args.tmp) as tmp:
         rows = [measure(n, shape, args, Path(tmp)) for n in args.layers]
     result = {

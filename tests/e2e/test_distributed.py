@@ -150,7 +150,7 @@ def test_an_error_on_one_rank_ends_both_with_one_line(pico, tmp_path):
     shutil.copy(pair.calibration, cwds[0] / "calib.jsonl")
     (cwds[1] / "calib.jsonl").write_text('{"text": "the cat"}\nnot json\n')
     ranks = _launch(_argv(pair, calibration="calib.jsonl"), cwds)
-    assert [r.code for r in ranks] == [1, 1]
+    assert [r.code for r in ranks] == [1, 1], [r.err for r in ranks]
     (own,), (relayed,) = ranks[1].error_lines(), ranks[0].error_lines()
     assert own.startswith(ERROR) and "calib.jsonl:2" in own
     assert relayed == f"{ERROR}rank 1 failed: {own.removeprefix(ERROR)}"

@@ -192,3 +192,18 @@ def test_pareto_plot_has_one_panel_per_pair(tmp_path):
 
     width, height = Image.open(tmp_path / "p.png").size
     assert width == 3 * 7 * 120 and height == int(5.5 * 120)  # three 7-inch panels at 120 dpi
+
+
+def test_densities_keep_the_rows_at_those_densities_and_every_row_without_one():
+    picked = _picked(only=("magnitude", "task_arithmetic"), pairs=("main",), densities=(0.05, 0.1))
+    assert [(m, d) for _, m, d in picked] == [
+        ("pretrained", None),
+        ("finetuned", None),
+        ("magnitude", 0.05),
+        ("magnitude", 0.1),
+        ("task_arithmetic", None),
+        ("task_arithmetic", None),
+        ("task_arithmetic", None),
+    ]
+    with pytest.raises(ConfigError, match="--densities 0.3 matches no row; the densities are 0.01, 0.05, 0.1"):
+        P.select(_full(), densities=(0.3,))

@@ -19,6 +19,7 @@ Ratios, intervals and the comparison with Model Tailor are computed within a pai
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -122,9 +123,22 @@ def _needed(pair: str) -> set[tuple[str, str]]:
     return own | ({(p.full_finetune, "finetuned")} if p.full_finetune else set())
 
 
-def select(specs: list[MethodSpec], only: Sequence[str] = (), pairs: Sequence[str] = ()) -> list[MethodSpec]:
+def select(
+    specs: list[MethodSpec],
+    only: Sequence[str] = (),
+    pairs: Sequence[str] = (),
+    densities: Sequence[float] = (),
+) -> list[MethodSpec]:
     """Rows matching ``only`` (``methods.select_specs``) in the ``pairs`` asked for (default: the main pair and
-    every pair with a matching row), plus every anchor those pairs are measured against."""
+    every pair with a matching row), plus every anchor those pairs are measured against. ``densities`` (empty:
+    all) drops the rows at any other density; rows without one (dense methods, anchors) are not affected."""
+    if densities:
+        kept = [s for s in specs if s.density is None or any(math.isclose(s.density, d) for d in densities)]
+        if not any(s.density is not None for s in kept):
+            listed = sorted({s.density for s in specs if s.density is not None})
+            raise ConfigError(f"--densities {' '.join(f'{d:g}' for d in densities)} matches no row; "
+                              f"the densities are {', '.join(f'{d:g}' for d in listed)}")  # fmt: skip
+        specs = kept
     listed = list(dict.fromkeys(s.pair for s in specs))
     unknown = [p for p in pairs if p not in listed]
     if unknown:

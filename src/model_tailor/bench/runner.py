@@ -61,6 +61,7 @@ class BenchConfig:
     reuse_evals: bool = True
     only: tuple[str, ...] = ()  # method-name globs (``--methods``); empty = every row of the variant
     pairs: tuple[str, ...] = ()  # ``--pairs`` (bench.pairs); empty = the main pair and every pair with a row
+    densities: tuple[float, ...] = ()  # ``--densities``: only rows at these densities (dense rows stay)
     extended: bool = False  # full variant plus the preserve ablations (``--extended``; methods.preserve_specs)
     resamples: int = 2000  # bootstrap resamples of the test items (``--resamples``)
     bootstrap_seed: int = 0
@@ -354,7 +355,8 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
     One build at a time (its models loaded, then released): the main build's pairs, then the all-layers one's.
     """
     t_start = time.perf_counter()
-    specs = P.select(P.variant_specs(cfg.quick, cfg.engine, cfg.extended, cfg.build), cfg.only, cfg.pairs)
+    listed = P.variant_specs(cfg.quick, cfg.engine, cfg.extended, cfg.build)
+    specs = P.select(listed, cfg.only, cfg.pairs, cfg.densities)
     rows: list[Row] = []
     files: dict[str, dict] = {}
     builds: dict[str, dict] = {}

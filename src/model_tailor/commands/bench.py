@@ -60,6 +60,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="only rows of these pairs (main, lora_r16, all_layers; full variant) and the anchors they need "
         "(default: main and every pair with a row --methods picks)",
     )
+    p.add_argument(
+        "--densities",
+        nargs="+",
+        type=float,
+        default=(),
+        metavar="D",
+        help="only rows at these densities (rows without one, such as dense merges, stay)",
+    )
     p.set_defaults(func=run)
 
 
@@ -89,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
         reuse_evals=not args.no_eval_cache,
         only=tuple(args.methods),
         pairs=tuple(args.pairs),
+        densities=tuple(args.densities),
         resamples=args.resamples,
         bootstrap_seed=args.bootstrap_seed,
     )

@@ -137,6 +137,9 @@ class TorchGroup(Group):
             return
         notes: list[Any] = [None] * self.world
         self._dist.all_gather_object(notes, None if error is None else _note(error))
+        # One more all-reduce, so no rank leaves (and closes its sockets) while another is still inside the
+        # two-step all_gather_object: teardown then starts from the same point as after a run that succeeded.
+        self._dist.all_reduce(flag)
         if error is None:
             rank, (message, code) = next((r, n) for r, n in enumerate(notes) if n is not None)
             raise RankError(rank, message, code)
