@@ -71,6 +71,8 @@ def test_extended_adds_only_the_preserve_ablations_to_the_full_variant():
         (0.10, "lowrank", "user", 1.0, "delta"),
         (0.10, "sparse+lowrank", "user", 1.0, "delta"),
         (0.10, "sparse", "self", 1.0, "delta"),
+        (0.05, "lowrank", "self", 1.0, "delta"),
+        (0.10, "lowrank", "self", 1.0, "delta"),
     }
     assert _preserve_rows(full) == frontier
     ablations = {

@@ -36,7 +36,13 @@ REHEARSAL_SHARES = (0.25, 0.50)
 LORA_TAILOR_RANK = 16
 LORA_TAILOR_DENSITIES = (0.05, 0.10)
 ALL_LAYERS_DENSITIES = (0.05, 0.10)
-ALL_LAYERS_PRESERVE = ((0.10, "sparse"), (0.10, "lowrank"), (1.0, "sparse"))  # (density, structure)
+# (density, structure, preserve): the default preserve row, the two best of the main pair and the data-free one
+ALL_LAYERS_PRESERVE = (
+    (0.10, "sparse", "user"),
+    (0.10, "lowrank", "user"),
+    (1.0, "sparse", "user"),
+    (0.10, "lowrank", "self"),
+)
 ALL_LAYERS_BASELINES = ("magnitude", "fapm")
 
 
@@ -101,7 +107,9 @@ def all_layers_specs(engine: str, build: BuildConfig) -> list[MethodSpec]:
     mt = {**MT_VARIANTS["model_tailor"], "engine": engine}
     rows += [MethodSpec("model_tailor", d, mt, pair) for d in ALL_LAYERS_DENSITIES]
     if engine == "pipeline":  # the in-memory engine has no preserve stream
-        rows += [replace(preserve_spec(d, engine, structure=st), pair=pair) for d, st in ALL_LAYERS_PRESERVE]
+        rows += [
+            replace(preserve_spec(d, engine, structure=st, preserve=pr), pair=pair) for d, st, pr in ALL_LAYERS_PRESERVE
+        ]
     rows += [MethodSpec(m, d, pair=pair) for m in ALL_LAYERS_BASELINES for d in ALL_LAYERS_DENSITIES]
     return rows + [lora_spec(build.all_layers(), LORA_TAILOR_RANK, pair)]
 
