@@ -203,3 +203,71 @@ def write_preserve(capitals: Sequence[Capital], labels: Sequence[ImageLabel], ou
     path = out_dir / "preserve.jsonl"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path
+
+
+# --- the second target task (the multitask pair, ``bench.multitask``): two-digit addition, text only ---------
+
+ADDITION_QUESTION = "What is {a} + {b}? Answer with the number only."
+
+
+@dataclass(frozen=True)
+class Addition:
+    """One addition problem as asked (``a + b``, in this order); its answer is the decimal sum."""
+
+    a: int
+    b: int
+
+    @property
+    def answer(self) -> str:
+        return str(self.a + self.b)
+
+    def key(self) -> tuple[int, int]:
+        """The problem whatever the order it is asked in (``12 + 34`` and ``34 + 12`` are one fact)."""
+        return (min(self.a, self.b), max(self.a, self.b))
+
+
+@dataclass(frozen=True)
+class AdditionSplits:
+    """Disjoint problem pools: ``train`` (fine-tunes), ``calibration`` (tailoring data) and ``test`` (evaluation)."""
+
+    train: tuple[Addition, ...]
+    calibration: tuple[Addition, ...]
+    test: tuple[Addition, ...]
+
+
+def addition_problems(digits: int, seed: int) -> list[Addition]:
+    """Every unordered pair of ``digits``-digit operands once (``a <= b``; 4,095 for two digits), in a seeded
+    order, each asked in a seeded operand order: splitting this list splits the facts, not just the prompts."""
+    if digits < 1:
+        raise ValueError(f"addition needs at least one digit, got {digits}")
+    lo, hi = 10 ** (digits - 1) if digits > 1 else 0, 10**digits - 1
+    pairs = [(a, b) for a in range(lo, hi + 1) for b in range(a, hi + 1)]
+    rng = random.Random(seed)
+    rng.shuffle(pairs)
+    return [Addition(a, b) if rng.random() < 0.5 else Addition(b, a) for a, b in pairs]
+
+
+def addition_splits(digits: int, n_test: int, n_calibration: int, seed: int) -> AdditionSplits:
+    """The first ``n_test`` problems of :func:`addition_problems` are the test pool, the next ``n_calibration``
+    the calibration pool, the rest the training pool: disjoint by construction (``leaks.check_addition_disjoint``
+    proves it on what the run uses)."""
+    problems = addition_problems(digits, seed)
+    if n_test + n_calibration >= len(problems):
+        raise ValueError(f"{len(problems)} problems cannot hold {n_test} test and {n_calibration} calibration ones")
+    cut = n_test + n_calibration
+    return AdditionSplits(tuple(problems[cut:]), tuple(problems[n_test:cut]), tuple(problems[:n_test]))
+
+
+def addition_examples(problems: Sequence[Addition]) -> list[Example]:
+    return [Example(ADDITION_QUESTION.format(a=p.a, b=p.b), None, p.answer) for p in problems]
+
+
+def write_text_calibration(examples: Sequence[Example], out_dir: Path) -> Path:
+    """Text-only calibration JSONL (``{"prompt", "response"}`` per record) for ``model_tailor.api.tailor``."""
+    if any(ex.image is not None for ex in examples):
+        raise ValueError("write_text_calibration writes text-only records; an example has an image")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({"prompt": ex.prompt, "response": ex.response}) for ex in examples]
+    path = out_dir / "calibration.jsonl"
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path

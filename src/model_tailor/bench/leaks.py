@@ -3,6 +3,8 @@ the proof that none of it touches a test item (capital countries, images by path
 
 ``preserve: self`` rows derive preserve data from the calibration inputs too (its images, asked generic prompts;
 docs/METHOD.md §14), so their check also covers every query that data can hold (:func:`calibration_self_queries`).
+The multitask pair's second task (two-digit addition) has its own check, :func:`check_addition_disjoint`: no
+problem is in two of its train, calibration and test pools, whatever order its operands are asked in.
 """
 
 from __future__ import annotations
@@ -10,12 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from model_tailor.bench import assets
-from model_tailor.bench.data import CAPITAL_QUESTION, VQA_SUFFIX, sample, write_preserve
+from model_tailor.bench.data import ADDITION_QUESTION, CAPITAL_QUESTION, VQA_SUFFIX, Addition, sample, write_preserve
 from model_tailor.bench.tasks import Task, normalize, split_capitals
 from model_tailor.errors import CalibrationError
 from model_tailor.options import IMAGE_PROMPTS
@@ -45,6 +47,32 @@ def write_bench_preserve(root: Path, seed: int) -> Path:
 
 
 _CAPITAL_RE = re.compile("^" + re.escape(CAPITAL_QUESTION).replace(re.escape("{country}"), "(.+)") + "$")
+_ADDITION_RE = re.compile(
+    "^" + re.escape(ADDITION_QUESTION).replace(re.escape("{a}"), r"(\d+)").replace(re.escape("{b}"), r"(\d+)") + "$"
+)
+
+
+def addition_key(prompt: str) -> tuple[int, int] | None:
+    """The problem an addition prompt asks (``Addition.key``), None for any other prompt."""
+    m = _ADDITION_RE.match(prompt)
+    return None if m is None else Addition(int(m.group(1)), int(m.group(2))).key()
+
+
+def check_addition_disjoint(pools: Mapping[str, Sequence[str]]) -> dict:
+    """Fail loudly (:class:`LeakError`) if one addition problem (either operand order) is asked in two of the
+    named pools of prompts (``train``, ``calibration``, ``test``: what the run trains, tailors and tests on);
+    else each pool's number of problems. Prompts that ask no addition problem are not counted."""
+    keys = {name: {addition_key(prompt) for prompt in prompts} - {None} for name, prompts in pools.items()}
+    names = list(keys)
+    problems = [
+        f"{len(keys[a] & keys[b])} problem(s) in both {a} and {b}, e.g. {sorted(keys[a] & keys[b])[0]}"
+        for i, a in enumerate(names)
+        for b in names[i + 1 :]
+        if keys[a] & keys[b]
+    ]
+    if problems:
+        raise LeakError(f"addition pools overlap: {'; '.join(problems)}")
+    return {name: len(k) for name, k in keys.items()}
 
 
 def calibration_self_queries(calibration: Path) -> list[dict[str, Any]]:
@@ -79,8 +107,9 @@ def check_preserve_disjoint(
 
     Checked: capital questions name no country of the capital test pool (every quick/full subset draws from
     it) nor of this run's subset; images match no easy-VQA test image (path or pixels); no prompt is a VQA test
-    prompt or question. With ``self_instructions`` (``--preserve self``), none may name a test country; with
-    ``self_queries`` (:func:`calibration_self_queries`), each query passes the record checks.
+    prompt or question, nor an addition problem of the tasks (either operand order). With ``self_instructions``
+    (``--preserve self``), none may name a test country; with ``self_queries`` (:func:`calibration_self_queries`),
+    each query passes the record checks.
     """
     test_countries = {c.country for c in split_capitals()[0]}
     test_countries |= {
@@ -91,6 +120,7 @@ def check_preserve_disjoint(
     test_hashes = {_sha(p) for p in test_paths}
     vqa_prompts = {ex.prompt for t in tasks if t.name == "easy_vqa" for ex in t.examples}
     vqa_prompts |= {it.question for it in test_items}
+    sums = {addition_key(ex.prompt) for t in tasks for ex in t.examples} - {None}  # the multitask pair's tests
     records = [(f"line {n}", json.loads(line), path.parent) for n, line in enumerate(path.read_text().splitlines(), 1)]
     n = len(records)
     records += [
@@ -103,6 +133,8 @@ def check_preserve_disjoint(
                 problems.append(f"{where}: capital question about test country {m.group(1)!r}")
             if prompt in vqa_prompts or prompt.removesuffix(VQA_SUFFIX) in vqa_prompts:
                 problems.append(f"{where}: prompt is a VQA test question")
+            if addition_key(prompt) in sums:
+                problems.append(f"{where}: prompt is an addition test problem")
         if rec.get("image"):
             img = (folder / rec["image"]).resolve()
             if img in test_paths or _sha(img) in test_hashes:

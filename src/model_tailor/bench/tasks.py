@@ -1,8 +1,9 @@
 """TailorBench evaluation: greedy decoding on fixed test subsets, scored with a documented normalisation.
 
 Original abilities (what fine-tuning should not destroy): ``capital_qa`` (world knowledge, text only) and
-``captioning`` (easy-VQA test images). Target: ``easy_vqa`` test accuracy. ``bench.stats`` defines the
-ratios; ``bench.evaluation`` scores a model (greedy accuracy here, answer likelihood in ``bench.likelihood``).
+``captioning`` (easy-VQA test images). Target: ``easy_vqa`` test accuracy; the multitask pair (``bench.multitask``)
+adds a second target, ``addition`` (:class:`SecondTask`). ``bench.stats`` defines the ratios;
+``bench.evaluation`` scores a model (greedy accuracy here, answer likelihood in ``bench.likelihood``).
 
 Normalisation (``normalize``): Unicode NFKD, accents dropped, lower case, every run of non-alphanumeric
 characters replaced by one space, trimmed. Scoring:
@@ -11,6 +12,8 @@ characters replaced by one space, trimmed. Scoring:
 * ``captioning``: hit when the set of easy-VQA colour words in the answer is exactly {true colour} and the
   set of shape words is exactly {true shape} (listing several colours does not score).
 * ``easy_vqa``: hit when the normalised answer equals the single-word ground truth.
+* ``addition``: hit when the normalised answer equals the sum's digits ("936." scores, "The answer is 936" does
+  not: answering with the number only is part of the skill, as the single word is part of easy-VQA's).
 """
 
 from __future__ import annotations
@@ -25,8 +28,11 @@ from tqdm.auto import tqdm
 
 from model_tailor.bench import assets
 from model_tailor.bench.data import (
+    AdditionSplits,
     Example,
     PixelCache,
+    addition_examples,
+    addition_splits,
     capital_examples,
     caption_examples,
     collate_generate,
@@ -70,6 +76,11 @@ def caption_hit(answer: str, truth: str) -> bool:
 
 
 def vqa_hit(answer: str, truth: str) -> bool:
+    return normalize(answer) == normalize(truth)
+
+
+def addition_hit(answer: str, truth: str) -> bool:
+    """Exact normalised match: the answer is the number and nothing else (trailing punctuation aside)."""
     return normalize(answer) == normalize(truth)
 
 
@@ -118,6 +129,39 @@ def build_tasks(cfg: EvalConfig) -> list[Task]:
         Task("captioning", captions, cfg.caption_tokens, caption_hit),
         Task("easy_vqa", vqa, cfg.vqa_tokens, vqa_hit),
     ]
+
+
+@dataclass(frozen=True)
+class SecondTask:
+    """The multitask pair's second target task: two-digit addition asked in text ("What is 47 + 38? Answer with
+    the number only." -> "85"), distinct from easy-VQA (no image, a skill the fine-tune must compute, not read).
+
+    Why it fits the bench: SmolLM2-135M, frozen inside the pre-trained mini-LLaVA, answers such prompts with
+    prose or a wrong sum (so the base's target ratio is low), digits are single tokens (a sum is three
+    answer tokens at most), and a fine-tune of the same layers with the same steps and batches rewrites how the
+    model answers "What is ..." questions, which the capital questions share. Every field is part of the multitask
+    pair's cache keys; the split is fixed, independent of the eval seed, like the preserve hold-out.
+    """
+
+    name: str = "addition"
+    digits: int = 2
+    n_test: int = 1000  # the test pool; a run evaluates EvalConfig.n_vqa of them (all in the full variant)
+    n_calibration: int = 256  # the calibration pool; tailoring reads BuildConfig.calibration_samples of them
+    split_seed: int = 2468
+    max_new_tokens: int = 5  # a sum of two two-digit numbers is at most 3 digits, then the end-of-turn token
+    version: int = 1
+
+    def splits(self) -> AdditionSplits:
+        return addition_splits(self.digits, self.n_test, self.n_calibration, self.split_seed)
+
+    def task(self, cfg: EvalConfig) -> Task:
+        """The test task: as many problems of the test pool as the run has VQA questions (a fixed, seeded subset,
+        so quick and full sizes follow the eval config without a new EvalConfig field)."""
+        problems = sample(self.splits().test, cfg.n_vqa, cfg.seed + 3)
+        return Task(self.name, addition_examples(problems), self.max_new_tokens, addition_hit)
+
+
+SECOND_TASK = SecondTask()
 
 
 @torch.no_grad()
