@@ -31,7 +31,7 @@ def test_bench_smoke(tmp_path, monkeypatch):
     result = run_bench(cfg)
     paths = write_outputs(result, tmp_path / "out")
     data = json.loads(paths["json"].read_text())
-    assert data["benchmark"] == "tailorbench" and data["version"] == 3 and data["quick"] is True
+    assert data["benchmark"] == "tailorbench" and data["version"] == 4 and data["quick"] is True
     methods = {r["method"] for r in data["rows"]}
     assert {"pretrained", "finetuned", "model_tailor"} <= methods
     if cfg.engine == "pipeline":  # preserve-aware rows on the bench-written user data, sparse and dense
@@ -199,7 +199,7 @@ def _check_pairs_and_retraining(cfg: BenchConfig, monkeypatch, tmp_path) -> None
     result = run_bench(BenchConfig(**full, only=("lora*", "rehearsal*")))
     paths = write_outputs(result, tmp_path / "out-pairs")
     data = json.loads(paths["json"].read_text())
-    assert data["version"] == 3
+    assert data["version"] == 4
     got = {(r["pair"], r["method"], r["density"]): r for r in data["rows"]}
     assert list(got) == [
         ("main", "pretrained", None),

@@ -4,7 +4,8 @@ The formulas are ``bench.stats``'s; here the rows' per-item outcomes become ``(r
 one fixed item order (every row was evaluated on the same test items), the bootstrap runs once per pair of
 models (``Row.pair``, ``bench.pairs``), and the results are written back into the rows. The comparison pairs
 each row with the ``model_tailor`` row (the default options) of its pair at the same density; rows at a
-density without one get none.
+density without one get none. A pair with several target tasks (the multitask pair) measures each against its
+own fine-tuned anchor (``stats.task_metrics``) and compares every row with its reference row (``Row.multitask``).
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ def item_matrices(rows: Sequence[Row], files: Mapping[str, dict], key: str) -> d
     return out
 
 
-def _bootstrap(rows: Sequence[Row], files: Mapping[str, dict], pre: int, ft: int, resamples: int, seed: int):
+def _bootstrap(
+    rows: Sequence[Row], files: Mapping[str, dict], pre: int, ft: int | Mapping[str, int], resamples: int, seed: int
+):
     hits, logprob = item_matrices(rows, files, "hit"), item_matrices(rows, files, "logprob")
     original, target = tuple(rows[0].original), tuple(rows[0].target)
     return stats.bootstrap(hits, logprob, pre, ft, original, target, resamples=resamples, seed=seed), logprob
@@ -70,6 +73,28 @@ def _compare(rows: Sequence[Row], result: stats.Analysis) -> None:
         }
 
 
+def _per_task(rows: Sequence[Row], result: stats.Analysis, anchors: Mapping[str, str], reference: str | None) -> None:
+    """``Row.multitask``: each target task's ratio against its own anchor (accuracy and likelihood, intervals) and
+    the paired difference in H with the pair's first ``reference`` row (None for that row itself)."""
+    ref = next((i for i, r in enumerate(rows) if r.method == reference), None)
+    pair = rows[0].pair if rows else ""
+    for i, r in enumerate(rows):
+        out: dict = {"anchors": {t: f"{pair}:{m}" for t, m in anchors.items()}}
+        for metric in ("target_ratio", "ll_target_ratio"):
+            keys = {t: stats.task_key(metric, t) for t in anchors}
+            out[metric] = {t: _number(result.points[k][i]) for t, k in keys.items()}
+            out.setdefault("intervals", {})[metric] = {t: _bounds(result, k, i) for t, k in keys.items()}
+        out["vs"] = None
+        if ref is not None and ref != i:
+            name = rows[ref].method + ("" if rows[ref].density is None else f"@{rows[ref].density:g}")
+            out["vs"] = {
+                "reference": name,
+                "h_score": result.difference("h_score", i, ref),
+                "ll_h_score": result.difference("ll_h_score", i, ref),
+            }
+        r.multitask = out
+
+
 def _against(rows: list[Row], reference: Row, name: str, files, resamples: int, seed: int) -> None:
     """``vs_full_finetune``: the target-side metrics of ``rows`` with ``reference`` as the fine-tuned anchor."""
     group = [*rows, reference]
@@ -89,21 +114,31 @@ def finalize(
     seed: int = 0,
     anchors: Mapping[str, str] | None = None,
     full_finetune: Mapping[str, str] | None = None,
+    task_anchors: Mapping[str, Mapping[str, str]] | None = None,
+    references: Mapping[str, str] | None = None,
 ) -> list[Row]:
     """Fill the metrics, intervals and comparison of every row (which must all carry ``items``), pair by pair.
 
     Each pair's ratios are against its own ``pretrained`` row and its fine-tuned anchor: ``anchors[pair]``
     (default ``finetuned``). ``full_finetune[pair]`` names the pair whose ``finetuned`` row the pair's rows are
-    also measured against (``vs_full_finetune``). Every pair's bootstrap uses the same seed and the same items,
-    hence the same resamples: intervals stay paired across pairs.
+    also measured against (``vs_full_finetune``). ``task_anchors[pair]`` maps each target task of a pair with
+    several to its own anchor's method (``stats.task_metrics``; ``Row.multitask``, compared with the pair's
+    ``references[pair]`` row). Every pair's bootstrap uses the same seed, and the items a pair shares with
+    another draw the same resamples (each task's counts come from one generator, task by task, in the pair's
+    task order): intervals stay paired across pairs.
     """
     missing = [r.method for r in rows if r.items not in files]
     if missing:
         raise ValueError(f"rows without per-item outcomes: {missing}")
     anchors, full_finetune = anchors or {}, full_finetune or {}
+    task_anchors, references = task_anchors or {}, references or {}
     for pair in dict.fromkeys(r.pair for r in rows):
         group = [r for r in rows if r.pair == pair]
-        pre, ft = _anchor(group, "pretrained", pair), _anchor(group, anchors.get(pair, "finetuned"), pair)
+        pre = _anchor(group, "pretrained", pair)
+        if pair in task_anchors:
+            ft: int | dict[str, int] = {t: _anchor(group, m, pair) for t, m in task_anchors[pair].items()}
+        else:
+            ft = _anchor(group, anchors.get(pair, "finetuned"), pair)
         result, logprob = _bootstrap(group, files, pre, ft, resamples, seed)
         for i, r in enumerate(group):
             for key in stats.METRICS:
@@ -111,6 +146,8 @@ def finalize(
                 r.intervals[key] = _bounds(result, key, i)
             r.loglik = {t: float(v[i].mean()) for t, v in logprob.items()}
         _compare(group, result)
+        if pair in task_anchors:
+            _per_task(group, result, task_anchors[pair], references.get(pair))
         if pair in full_finetune:
             other = [r for r in rows if r.pair == full_finetune[pair]]
             _against(group, other[_anchor(other, "finetuned", full_finetune[pair])], pair, files, resamples, seed)

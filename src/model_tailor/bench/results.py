@@ -11,7 +11,8 @@ from dataclasses import asdict, dataclass, field
 
 # 2: per-item outcomes, likelihood metrics, bootstrap intervals, comparison with Model Tailor;
 # 3: rows carry their pair and kind (anchor | post-hoc | retrain), LoRA-pair rows also score against the full fine-tune
-RESULTS_VERSION = 3
+# 4: rows of the multitask pair carry ``multitask`` (each target task's ratio against its own fine-tune, vs TIES)
+RESULTS_VERSION = 4
 KINDS = ("anchor", "post-hoc", "retrain")  # the pair's two models | computed from them | a different fine-tune
 
 
@@ -42,6 +43,11 @@ class Row:
     # rows of a pair whose fine-tuned anchor is not the full fine-tune (the LoRA pair): target ratio and H against
     # the full fine-tune too, with intervals; None elsewhere
     vs_full_finetune: dict | None = None
+    # rows of a pair with several target tasks (the multitask pair): each task's ratio against its own fine-tune
+    # (accuracy and likelihood, with intervals) and the paired difference in H with the pair's reference row
+    # (TIES merging); None elsewhere. retention, target_ratio (mean of the tasks' ratios) and h_score (harmonic
+    # mean of retention and every task's ratio) are filled as for every row
+    multitask: dict | None = None
 
 
 @dataclass

@@ -16,6 +16,12 @@ Likelihood (teacher-forced; ``l_t(m)`` = mean ``logprob`` over task ``t``'s item
 * LL target ratio = mean over target tasks of ``exp(l_t(m) - l_t(finetuned))``;
 * LL H = their harmonic mean.
 
+Several target tasks, each with its own fine-tuned anchor (the multitask pair, ``bench.multitask``;
+:func:`task_metrics`): task ``t``'s target ratio is ``a_t(m) / a_t(finetuned_t)`` (LL: ``exp(l_t(m) -
+l_t(finetuned_t))``), ``target_ratio`` is their mean, and H is the harmonic mean of the retention and every
+task's ratio, ``n / sum(1 / x_i)`` (H over three for two tasks; 0 when one is 0). A ratio of one task's
+accuracies against two different anchors has no common denominator, hence per-task ratios.
+
 ``exp`` of a difference of mean log-probabilities is the ratio of geometric-mean per-token probabilities of
 the reference answers, so both ratios are exactly 1 for their anchor (like the accuracy ones) and above 1
 when the row finds the references likelier than its anchor.
@@ -58,6 +64,15 @@ def harmonic(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(s.isnan(), torch.nan, h)
 
 
+def harmonic_all(values: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Elementwise harmonic mean ``n / sum(1 / x_i)`` of ``n`` tensors: 0 where any ``x_i <= 0`` (a zero ratio
+    zeroes H, as :func:`harmonic` does), NaN where any is NaN."""
+    x = torch.stack(list(values))
+    positive = (x > 0).all(0)
+    h = torch.where(positive, x.shape[0] / torch.where(x > 0, x, 1.0).reciprocal().sum(0), 0.0)
+    return torch.where(x.isnan().any(0), torch.nan, h)
+
+
 def _ratio(x: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
     return torch.where(anchor > 0, x / torch.where(anchor > 0, anchor, 1.0), torch.nan)
 
@@ -85,6 +100,38 @@ def metrics(
         "ll_target_ratio": ll_target,
         "ll_h_score": harmonic(ll_retention, ll_target),
     }
+
+
+def task_key(metric: str, task: str) -> str:
+    """Name of one target task's own ratio in :func:`task_metrics`' output (``target_ratio/addition``)."""
+    return f"{metric}/{task}"
+
+
+def task_metrics(
+    acc: Mapping[str, torch.Tensor],
+    ll: Mapping[str, torch.Tensor],
+    pre: int,
+    anchors: Mapping[str, int],
+    original: Sequence[str],
+    target: Sequence[str],
+) -> dict[str, torch.Tensor]:
+    """:data:`METRICS` with each target task measured against its own fine-tuned anchor (``anchors[task]``
+    indexes it), plus every task's own ratios under :func:`task_key` (module docstring)."""
+    orig = torch.stack([acc[t] for t in original]).mean(0)
+    retention = _ratio(orig, orig[pre])
+    ratios = {t: _ratio(acc[t], acc[t][anchors[t]]) for t in target}
+    ll_retention = torch.stack([torch.exp(ll[t] - ll[t][pre]) for t in original]).mean(0)
+    ll_ratios = {t: torch.exp(ll[t] - ll[t][anchors[t]]) for t in target}
+    out = {
+        "retention": retention,
+        "target_ratio": torch.stack(list(ratios.values())).mean(0),
+        "h_score": harmonic_all([retention, *ratios.values()]),
+        "ll_retention": ll_retention,
+        "ll_target_ratio": torch.stack(list(ll_ratios.values())).mean(0),
+        "ll_h_score": harmonic_all([ll_retention, *ll_ratios.values()]),
+    }
+    out |= {task_key("target_ratio", t): v for t, v in ratios.items()}
+    return out | {task_key("ll_target_ratio", t): v for t, v in ll_ratios.items()}
 
 
 @dataclass(frozen=True)
@@ -121,7 +168,7 @@ def bootstrap(
     hits: Mapping[str, torch.Tensor],
     logprob: Mapping[str, torch.Tensor],
     pre: int,
-    ft: int,
+    ft: int | Mapping[str, int],
     original: Sequence[str],
     target: Sequence[str],
     *,
@@ -132,7 +179,8 @@ def bootstrap(
     """Point values and paired stratified bootstrap samples of every metric.
 
     ``hits[t]`` and ``logprob[t]`` are ``(models, n_t)``: row ``m`` is one model, column ``j`` the same test
-    item for every model. ``resamples`` must be at least 1; the bench uses 2,000.
+    item for every model. ``ft`` indexes the fine-tuned anchor, or maps each target task to its own
+    (:func:`task_metrics`). ``resamples`` must be at least 1; the bench uses 2,000.
     """
     if resamples < 1:
         raise ValueError(f"resamples must be >= 1, got {resamples}")
@@ -146,6 +194,7 @@ def bootstrap(
             return {t: v.mean(1, keepdim=True) for t, v in values.items()}
         return {t: v @ weights[t].T / v.shape[1] for t, v in values.items()}
 
-    points = metrics(means(hits, None), means(logprob, None), pre, ft, original, target)
-    samples = metrics(means(hits, counts), means(logprob, counts), pre, ft, original, target)
+    measure = metrics if isinstance(ft, int) else task_metrics
+    points = measure(means(hits, None), means(logprob, None), pre, ft, original, target)
+    samples = measure(means(hits, counts), means(logprob, counts), pre, ft, original, target)
     return Analysis({k: v[:, 0] for k, v in points.items()}, samples, level)
