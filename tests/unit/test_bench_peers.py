@@ -120,6 +120,38 @@ def test_ties_weight_has_no_effect_for_one_model(pair):
         torch.testing.assert_close(a.overrides[n], b.overrides[n], rtol=0, atol=1e-7, msg=n)
 
 
+def test_ties_of_two_finetunes_is_the_projects_two_delta_ties(pair, pico, tmp_path):
+    """The multitask pair's ``mergekit_ties``: two fine-tunes of one base (the second: base - 0.5·delta + seeded
+    noise on every changed tensor, so signs disagree and magnitudes differ), trimmed to 0.25 each, sign election,
+    disjoint mean; equal to ``methods.merge_overrides`` (int(0.25·n) = keep_count here)."""
+    from model_tailor.bench.methods import merge_overrides
+
+    p = pico("llava")
+    second = p.model_cls.from_pretrained(p.finetuned, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(5)
+    state = {}
+    for n in pair.names:
+        noise = torch.randn(pair.base[n].shape, generator=gen) * pair.delta(n).abs().mean()
+        state[n] = pair.base[n] - 0.5 * pair.delta(n) + noise
+    second.load_state_dict(state, strict=False)
+    second.save_pretrained(tmp_path / "second")
+    ft2 = {k: v.detach().clone() for k, v in second.state_dict().items()}
+    merged = peers.merge_pair(
+        pair.base_dir,
+        [pair.ft_dir, tmp_path / "second"],
+        "ties",
+        names=pair.names,
+        to_ckpt=pair.to_ckpt,
+        density=0.25,
+        work_dir=pair.work,
+    )
+    ours = merge_overrides(MethodSpec("ties", 0.25), pair.base, [pair.ft, ft2], pair.names)
+    assert merged.info["models"] == 2 and sorted(merged.overrides) == pair.names
+    for n in pair.names:
+        assert max(1, int(0.25 * pair.base[n].numel())) == keep_count(0.25, pair.base[n].numel(), tolerance="absolute")
+        torch.testing.assert_close(merged.overrides[n], ours[n], rtol=0, atol=1e-6, msg=n)
+
+
 def test_mergekit_magnitude_rounding_differs_from_keep_count():
     """The one place mergekit's top-k and the project's differ: int(d·n) without the float guard, and >= 1."""
     from mergekit.sparsify import magnitude

@@ -15,7 +15,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
@@ -216,6 +216,28 @@ def baseline_overrides(
     return {
         n: base[n] + fn([finetuned[n] - base[n]], BaselineParams(**common, name=n, base=base[n]), gen) for n in names
     }
+
+
+MERGE_METHODS = ("task_arithmetic", "ties")  # the baselines that merge several deltas (kernel.baselines)
+
+
+def merge_overrides(
+    spec: MethodSpec,
+    base: Mapping[str, torch.Tensor],
+    finetuned: Sequence[Mapping[str, torch.Tensor]],
+    names: list[str],
+) -> dict[str, torch.Tensor]:
+    """``base + merge(delta_1, ..., delta_T)`` for every name, one delta per fine-tuned state dict, in order: task
+    arithmetic (``scale * sum``) or TIES (each delta trimmed to its top ``density``, elected sign, disjoint mean,
+    times ``scale``, default 1). A tensor one fine-tune left unchanged contributes a zero delta, which neither
+    method counts. With one fine-tune this is :func:`baseline_overrides`' value for the same spec."""
+    if spec.method not in MERGE_METHODS:
+        raise ConfigError(f"{spec.method!r} does not merge several fine-tunes; use one of {', '.join(MERGE_METHODS)}")
+    if not finetuned:
+        raise ConfigError(f"{spec.method} needs at least one fine-tuned state dict")
+    params = BaselineParams(density=spec.density, scale=spec.params.get("scale"))
+    fn = BASELINES.get(spec.method)
+    return {n: base[n] + fn([ft[n] - base[n] for ft in finetuned], params, None) for n in names}
 
 
 # --- Model Tailor ---------------------------------------------------------------------------------------

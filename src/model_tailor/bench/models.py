@@ -354,10 +354,19 @@ def finetune_examples(cfg: BuildConfig, train_items: list) -> list[Example]:
 
 
 def build_finetune(
-    cfg: BuildConfig, pre_dir: Path, ft_dir: Path, train_items: list, device: str, mix=None, meta: dict | None = None
+    cfg: BuildConfig,
+    pre_dir: Path,
+    ft_dir: Path,
+    train_items: list,
+    device: str,
+    mix=None,
+    meta: dict | None = None,
+    examples: list[Example] | None = None,
+    desc: str = "fine-tune: easy-VQA",
 ) -> float:
     """The fine-tune: the tuned layers (``BuildConfig.tuned_layers``) and the projector on easy-VQA; ``mix`` and
-    ``meta`` as the rehearsal fine-tunes pass them (``bench.retrain``)."""
+    ``meta`` as the rehearsal fine-tunes pass them (``bench.retrain``). ``examples`` replaces the easy-VQA draw
+    (the multitask pair's second fine-tune: the same recipe on another task's data)."""
     t0 = time.perf_counter()
     model, processor = load_model(pre_dir, device)
     tuned = cfg.tuned_layers(model.config.text_config.num_hidden_layers)
@@ -367,8 +376,9 @@ def build_finetune(
         p.requires_grad_(True)
     groups = [{"params": layer_params, "lr": cfg.ft_lr}, {"params": proj_params, "lr": cfg.ft_projector_lr}]
     pixels = PixelCache(processor.image_processor)
-    args = (cfg.ft_steps, cfg.ft_batch, cfg, processor, pixels, device, "fine-tune: easy-VQA")
-    loss = train_steps(model, groups, finetune_examples(cfg, train_items), *args, mix=mix)
+    args = (cfg.ft_steps, cfg.ft_batch, cfg, processor, pixels, device, desc)
+    drawn = finetune_examples(cfg, train_items) if examples is None else examples
+    loss = train_steps(model, groups, drawn, *args, mix=mix)
     seconds = time.perf_counter() - t0
     info = {"build": asdict(cfg), "stage": "finetuned", "ft_loss": loss, "seconds": seconds, **(meta or {})}
     save_folder(model, processor, ft_dir, info)

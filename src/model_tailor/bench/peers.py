@@ -135,9 +135,12 @@ def _forget_loaders(root: Path) -> None:
         cache.loaders.pop(ref).flush()
 
 
-def _run_mergekit(method: str, tmp: Path, model_params: dict, global_params: dict, seed: int) -> None:
-    """mergekit's ``run_merge`` of ``tmp/finetuned`` into ``tmp/base`` -> ``tmp/merged`` (CPU, fp32, no tokenizer
-    copy nor model card), the caller's RNG states (torch, ``random``, NumPy) saved and restored around it."""
+def _run_mergekit(
+    method: str, tmp: Path, model_params: dict, global_params: dict, seed: int, models: Sequence[str] = ("finetuned",)
+) -> None:
+    """mergekit's ``run_merge`` of the ``tmp/<models>`` folders into ``tmp/base`` -> ``tmp/merged`` (CPU, fp32, no
+    tokenizer copy nor model card), the caller's RNG states (torch, ``random``, NumPy) saved and restored around it;
+    every model gets ``model_params``."""
     from mergekit.config import MergeConfiguration
     from mergekit.merge import MergeOptions, run_merge
 
@@ -145,7 +148,7 @@ def _run_mergekit(method: str, tmp: Path, model_params: dict, global_params: dic
         {
             "merge_method": method,
             "base_model": str(tmp / "base"),
-            "models": [{"model": str(tmp / "finetuned"), "parameters": model_params}],
+            "models": [{"model": str(tmp / m), "parameters": model_params} for m in models],
             "parameters": global_params,
             "dtype": "float32",
         }
@@ -174,7 +177,7 @@ def _run_mergekit(method: str, tmp: Path, model_params: dict, global_params: dic
 
 def merge_pair(
     base: Path,
-    finetuned: Path,
+    finetuned: Path | Sequence[Path],
     method: str,
     *,
     names: Sequence[str],
@@ -185,9 +188,11 @@ def merge_pair(
     seed: int = 0,
     work_dir: Path,
 ) -> PeerMerge:
-    """Merge ``finetuned`` into ``base`` (two ``save_pretrained`` folders) with mergekit's ``method``.
+    """Merge ``finetuned`` into ``base`` (``save_pretrained`` folders) with mergekit's ``method``.
 
     Args:
+        finetuned: one fine-tuned folder, or several fine-tunes of ``base`` merged together, each with the same
+            per-model parameters (the multitask pair: mergekit's ``ties`` over two tasks' fine-tunes).
         names: state-dict names of the tensors the fine-tune changed (the overrides returned).
         to_ckpt: state-dict name -> checkpoint tensor name (``architectures.checkpoint_names``).
         density: fraction kept, for ``ties`` / ``dare_ties``; None for ``task_arithmetic``.
@@ -207,10 +212,13 @@ def merge_pair(
     t0 = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix=f"mergekit-{method}-", dir=work_dir))
     try:
+        folders = [Path(finetuned)] if isinstance(finetuned, (str, Path)) else [Path(f) for f in finetuned]
+        models = ["finetuned"] if len(folders) == 1 else [f"finetuned-{i}" for i in range(len(folders))]
         _stage(Path(base), tmp / "base", names, to_ckpt)
-        _stage(Path(finetuned), tmp / "finetuned", names, to_ckpt)
+        for folder, model in zip(folders, models, strict=True):
+            _stage(folder, tmp / model, names, to_ckpt)
         t_staged = time.perf_counter()
-        _run_mergekit(method, tmp, model_params, global_params, seed)
+        _run_mergekit(method, tmp, model_params, global_params, seed, models)
         t_merged = time.perf_counter()
         with CheckpointReader(tmp / "merged") as reader:
             written = set(reader.names())
@@ -229,6 +237,7 @@ def merge_pair(
         "method": method,
         "parameters": {**model_params, **global_params},
         "seed": seed,
+        "models": len(folders),
         "tensors": len(names),
         "stage_seconds": t_staged - t0,
         "merge_seconds": t_merged - t_staged,

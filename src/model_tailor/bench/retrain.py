@@ -17,6 +17,10 @@ warm-up + cosine schedule and seeds) with one thing changed, seeded and cached u
   (exactly ``round(share * steps)``, at seeded steps) drawn from the bench's preserve data (what the
   ``--preserve FILE`` rows get, ``leaks.write_bench_preserve``) instead of easy-VQA; every other step trains on
   the batch the full fine-tune has at that step.
+* **The multitask pair's fine-tunes** (``bench.multitask``): ``finetuned_addition``, the same recipe on the second
+  task's training pool instead of easy-VQA (its target anchor), and ``multitask_finetune``, the reference: the full
+  fine-tune with half its steps (``MULTITASK_SHARE``, seeded as the rehearsal plan) training on second-task
+  batches, so both tasks share the one budget.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from pathlib import Path
 import torch
 
 from model_tailor.bench import assets
-from model_tailor.bench.data import Example, PixelCache
+from model_tailor.bench.data import Example, PixelCache, addition_examples, sample
 from model_tailor.bench.inmemory import read_calibration
 from model_tailor.bench.models import (
     BuildConfig,
@@ -44,6 +48,7 @@ from model_tailor.bench.models import (
     save_folder,
     train_steps,
 )
+from model_tailor.bench.tasks import SecondTask
 
 RETRAIN_VERSION = 1
 LORA_LR_RATIO = 10
@@ -51,6 +56,8 @@ LORA_MODULES = r"(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 PROJECTOR = "multi_modal_projector"
 _LORA_ROW = re.compile(r"^lora_r\d+$")
 REHEARSAL_PREFIX = "rehearsal_"
+MULTITASK_FINETUNE = "multitask_finetune"
+MULTITASK_SHARE = 0.5  # share of the multitask fine-tune's steps on second-task batches
 
 
 def is_lora(method: str) -> bool:
@@ -238,3 +245,52 @@ def retrained(
     info = {"folder": str(folder), "ft_loss": meta.get("ft_loss")}
     info |= {k: meta[k] for k in ("trainable", "rehearsal") if k in meta}
     return Retrained(state, float(meta.get("seconds", 0.0)), info)
+
+
+def second_method(task: SecondTask) -> str:
+    """The multitask pair's anchor row of the second task's own fine-tune."""
+    return f"finetuned_{task.name}"
+
+
+def second_examples(cfg: BuildConfig, task: SecondTask) -> list[Example]:
+    """The second task's fine-tuning draw: as many training problems as the easy-VQA draw has questions."""
+    return addition_examples(sample(task.splits().train, cfg.ft_steps * cfg.ft_batch * 4, cfg.seed + 3))
+
+
+def second_finetune(cfg: BuildConfig, task: SecondTask, built: BuiltModels, device: str) -> Path:
+    """The second task's own fine-tune (``models.build_finetune`` on :func:`second_examples`), cached."""
+    method = second_method(task)
+    out = _folder(built, method, {"task": asdict(task)})
+    if not (out / "config.json").exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"stage": method, "task": asdict(task)}
+        examples = second_examples(cfg, task)
+        build_finetune(
+            cfg, built.pretrained, out, [], device, meta=meta, examples=examples, desc=f"fine-tune: {method}"
+        )
+    return out
+
+
+def multitask_finetune(cfg: BuildConfig, task: SecondTask, built: BuiltModels, device: str) -> Path:
+    """The reference: one fine-tune on both tasks' data, ``MULTITASK_SHARE`` of its steps on second-task batches
+    (the rehearsal machinery: a seeded plan, the batch drawn by its own generator), cached."""
+    share = MULTITASK_SHARE
+    out = _folder(built, MULTITASK_FINETUNE, {"share": share, "task": asdict(task)})
+    if not (out / "config.json").exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        plan = rehearsal_plan(cfg.ft_steps, share, cfg.seed + 9)
+        mix = RehearsalMix(second_examples(cfg, task), plan, cfg.seed + 10)
+        info = {"share": share, "second_task_batches": sum(plan), "steps": len(plan), "task": asdict(task)}
+        meta = {"stage": MULTITASK_FINETUNE, "multitask": info}
+        desc = f"fine-tune: easy-VQA + {task.name}"
+        build_finetune(cfg, built.pretrained, out, assets.load_vqa("train"), device, mix=mix, meta=meta, desc=desc)
+    return out
+
+
+def folder_state(folder: Path, device: str) -> Retrained:
+    """A cached fine-tune's model folder as a state dict, with its build seconds and what to record of it."""
+    model, _ = load_model(folder, device)
+    meta = json.loads((folder / "tailorbench.json").read_text())
+    info = {"folder": str(folder), "ft_loss": meta.get("ft_loss")}
+    info |= {k: meta[k] for k in ("multitask", "task") if k in meta}
+    return Retrained({k: v.detach() for k, v in model.state_dict().items()}, float(meta.get("seconds", 0.0)), info)
