@@ -76,12 +76,20 @@ def run_meta(cfg, specs: list[M.MethodSpec], rows: list[Row], builds: dict[str, 
         "versions": versions(),
         "engine": cfg.engine,
         "build": first["build"],
-        "builds": {name: {**b["build"], "preserve_data": b["preserve_data"]} for name, b in builds.items()},
+        "builds": {
+            name: {
+                **b["build"],
+                "preserve_data": b["preserve_data"],
+                **({"second_task": b["second_task"]} if "second_task" in b else {}),
+            }
+            for name, b in builds.items()
+        },
         "pairs": {
             name: {
                 "build": P.PAIRS[name].build,
                 "finetuned_anchor": P.PAIRS[name].finetuned,
                 "description": P.PAIRS[name].description,
+                **({"task_anchors": dict(P.PAIRS[name].task_anchors)} if P.PAIRS[name].task_anchors else {}),
                 "tuned_layers": builds.get(P.PAIRS[name].build, {}).get("build", {}).get("tuned_layers"),
             }
             for name in used

@@ -13,6 +13,10 @@ main matrix (full variant only; ``--quick`` lists the main pair's quick rows alo
   model), with the headline rows: anchors, Model Tailor at 0.05 / 0.10, the preserve rows that scored best in
   the 2026-11-24 full run (lowrank 0.10, sparse dense) and the default sparse 0.10, magnitude and FAPM at
   0.05 / 0.10, and LoRA r16 on every layer.
+* ``multitask`` (opt-in: listed in the full variant, selected only by ``--pairs multitask``): the main pre-trained
+  model, the main fine-tune and a second task's fine-tune of it, made into one model by tailoring, combining and
+  merging (``bench.multitask``); each target task's ratio is against its own fine-tune (``Pair.task_anchors``) and
+  every row is compared with TIES merging (``Pair.reference``).
 
 Ratios, intervals and the comparison with Model Tailor are computed within a pair (``analysis.finalize``).
 """
@@ -23,6 +27,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+from model_tailor.bench import multitask as MX
+from model_tailor.bench import peers
 from model_tailor.bench import retrain as R
 from model_tailor.bench.methods import MT_VARIANTS, MethodSpec, method_specs, preserve_spec, select_specs
 from model_tailor.bench.models import BuildConfig
@@ -49,13 +55,18 @@ ALL_LAYERS_BASELINES = ("magnitude", "fapm")
 @dataclass(frozen=True)
 class Pair:
     """How a pair's rows are measured: its models' build, its fine-tuned anchor's method, the main-pair rows it
-    copies in as anchors, and the pair whose full fine-tune it is also measured against."""
+    copies in as anchors, the pair whose full fine-tune it is also measured against, and, for a pair with several
+    target tasks, each task's own fine-tuned anchor and the row every row is compared with. An ``opt_in`` pair is
+    selected only when ``--pairs`` names it, so the default run does not grow with it."""
 
-    build: str  # "main" | "all_layers": which BuildConfig its models come from
+    build: str  # "main" | "all_layers" | "multitask": which BuildConfig its models come from (build_config)
     finetuned: str = "finetuned"
     borrowed: tuple[str, ...] = ()
     full_finetune: str | None = None
     description: str = ""
+    task_anchors: tuple[tuple[str, str], ...] = ()  # (target task, its anchor's method); empty: ``finetuned``
+    reference: str | None = None  # method of the row every row of the pair is compared with (Row.multitask)
+    opt_in: bool = False
 
 
 PAIRS: dict[str, Pair] = {
@@ -69,18 +80,33 @@ PAIRS: dict[str, Pair] = {
         "the LoRA fine-tune (vs_full_finetune: against the full fine-tune)",
     ),
     "all_layers": Pair("all_layers", description="every decoder layer + projector, full fine-tune"),
+    MX.PAIR: Pair(
+        MX.BUILD,
+        description="the main fine-tune (easy-VQA) and the same recipe's fine-tune on a second task (two-digit "
+        "addition) made into one model; each target ratio against its own fine-tune, H over retention and both",
+        task_anchors=MX.task_anchors(),
+        reference=MX.REFERENCE,
+        opt_in=True,
+    ),
 }
 
 
 def build_config(main: BuildConfig, build: str) -> BuildConfig:
-    return main if build == "main" else main.all_layers()
+    """A build's models: the multitask pair's are the main build's (its sessions add the second task)."""
+    return main if build in ("main", MX.BUILD) else main.all_layers()
+
+
+def anchor_methods(pair: str) -> tuple[str, ...]:
+    """The methods of a pair's anchors: pretrained, its fine-tuned anchor and every target task's own."""
+    p = PAIRS[pair]
+    return tuple(dict.fromkeys(("pretrained", p.finetuned, *(m for _, m in p.task_anchors))))
 
 
 def kind_of(spec: MethodSpec) -> str:
-    """``anchor`` (the pair's two models), ``retrain`` (a different fine-tune) or ``post-hoc``."""
-    if spec.method in ("pretrained", PAIRS[spec.pair].finetuned):
+    """``anchor`` (the pair's models), ``retrain`` (a different fine-tune) or ``post-hoc``."""
+    if spec.method in anchor_methods(spec.pair):
         return "anchor"
-    return "retrain" if R.is_retrain(spec.method) else "post-hoc"
+    return "retrain" if R.is_retrain(spec.method) or MX.is_retrained(spec) else "post-hoc"
 
 
 def lora_spec(build: BuildConfig, rank: int, pair: str = MAIN) -> MethodSpec:
@@ -116,17 +142,18 @@ def all_layers_specs(engine: str, build: BuildConfig) -> list[MethodSpec]:
 
 def variant_specs(quick: bool, engine: str, extended: bool, build: BuildConfig) -> list[MethodSpec]:
     """Every row of the variant: ``methods.method_specs`` and, in the full variant, the retraining rows, the
-    LoRA pair and the all-layers pair."""
+    LoRA pair, the all-layers pair and the (opt-in) multitask pair."""
     rows = method_specs(quick, engine, extended)
     if quick:
         return rows
-    return rows + retrain_specs(build) + lora_tailor_specs(build) + all_layers_specs(engine, build)
+    rows = rows + retrain_specs(build) + lora_tailor_specs(build) + all_layers_specs(engine, build)
+    return rows + MX.multitask_specs(engine, mergekit=peers.mergekit_version() if peers.is_available() else None)
 
 
 def _needed(pair: str) -> set[tuple[str, str]]:
     """The (pair, method) rows a pair cannot be measured without."""
     p = PAIRS[pair]
-    own = {(pair, m) for m in ("pretrained", p.finetuned) if m not in p.borrowed}
+    own = {(pair, m) for m in anchor_methods(pair) if m not in p.borrowed}
     own |= {(MAIN, m) for m in p.borrowed}
     return own | ({(p.full_finetune, "finetuned")} if p.full_finetune else set())
 
@@ -138,8 +165,9 @@ def select(
     densities: Sequence[float] = (),
 ) -> list[MethodSpec]:
     """Rows matching ``only`` (``methods.select_specs``) in the ``pairs`` asked for (default: the main pair and
-    every pair with a matching row), plus every anchor those pairs are measured against. ``densities`` (empty:
-    all) drops the rows at any other density; rows without one (dense methods, anchors) are not affected."""
+    every pair with a matching row, opt-in pairs left out), plus every anchor those pairs are measured against.
+    ``densities`` (empty: all) drops the rows at any other density; rows without one (dense methods, anchors) are
+    not affected."""
     if densities:
         kept = [s for s in specs if s.density is None or any(math.isclose(s.density, d) for d in densities)]
         if not any(s.density is not None for s in kept):
@@ -154,10 +182,10 @@ def select(
     picked = select_specs(specs, tuple(only))
     if pairs:
         keep = set(pairs)
-        if only and not any(s.pair in keep and s.method not in ANCHOR_METHODS for s in picked):
+        if only and not any(s.pair in keep and s.method not in anchor_methods(s.pair) for s in picked):
             raise ConfigError(f"--methods {' '.join(only)} matches no row of --pairs {' '.join(pairs)}")
     else:
-        keep = {MAIN} | {s.pair for s in picked if s.method not in ANCHOR_METHODS}
+        keep = {MAIN} | {s.pair for s in picked if s.method not in ANCHOR_METHODS and not PAIRS[s.pair].opt_in}
     needed = set().union(*(_needed(p) for p in keep))
     chosen = {s.key() for s in picked if s.pair in keep}
     return [s for s in specs if s.key() in chosen or (s.pair, s.method) in needed]
@@ -181,6 +209,17 @@ def arrange(rows: list[Row], specs: list[MethodSpec]) -> list[Row]:
 def anchors() -> dict[str, str]:
     """``analysis.finalize``'s ``anchors``: pair -> its fine-tuned anchor's method."""
     return {name: p.finetuned for name, p in PAIRS.items()}
+
+
+def task_anchors() -> dict[str, dict[str, str]]:
+    """``analysis.finalize``'s ``task_anchors``: pair -> {target task: its anchor's method}, for the pairs with
+    several target tasks."""
+    return {name: dict(p.task_anchors) for name, p in PAIRS.items() if p.task_anchors}
+
+
+def references() -> dict[str, str]:
+    """``analysis.finalize``'s ``references``: pair -> the method its rows are compared with."""
+    return {name: p.reference for name, p in PAIRS.items() if p.reference}
 
 
 def full_finetune() -> dict[str, str]:

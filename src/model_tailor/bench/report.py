@@ -3,7 +3,8 @@
 Files are written atomically; the main Markdown table is also what ``model-tailor bench`` prints. Every
 metric cell reads ``value ± half-width`` of its 95% paired-bootstrap interval (``bench.stats``; the exact
 bounds are in results.json, ``intervals``). Each row names its pair (``bench.pairs``: the ratios are against
-that pair's anchors) and its kind (anchor, post-hoc, retrain); the comparison table compares within a pair, and
+that pair's anchors) and its kind (anchor, post-hoc, retrain); the comparison table compares within a pair, the
+multitask table gives the multitask pair's per-task ratios and its comparison with TIES merging, and
 ``pareto.png`` has one panel per pair. ``items/<key>.json`` holds each evaluated model's per-item outcomes and
 ``items/references.json`` the items themselves; each row names its file in ``items``.
 """
@@ -13,11 +14,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from model_tailor.bench import multitask as MX
 from model_tailor.bench.methods import TAILOR_METHODS
 from model_tailor.bench.results import BenchResult, Row
 from model_tailor.io.atomic import atomic_path, atomic_write_text
 
-MT_METHODS = TAILOR_METHODS  # every Model Tailor row (ablations included) is drawn in Model Tailor's style
+MT_METHODS = (*TAILOR_METHODS, *MX.TAILORED)  # every Model Tailor row (ablations, multi-task rows) in its style
 HIGHLIGHT = {"model_tailor": "crimson", "model_tailor_preserve": "darkgreen"}
 METRIC_COLUMNS = {
     "retention": "retention",
@@ -56,8 +58,8 @@ def _density(row: Row) -> str:
 
 def markdown_table(result: BenchResult) -> str:
     """One line per row: accuracy per task, then the accuracy and likelihood ratios and H with intervals."""
-    orig_tasks = list(result.rows[0].original) if result.rows else []
-    tgt_tasks = list(result.rows[0].target) if result.rows else []
+    orig_tasks = list(dict.fromkeys(t for r in result.rows for t in r.original))
+    tgt_tasks = list(dict.fromkeys(t for r in result.rows for t in r.target))  # the multitask pair adds one
     head = ["method", "pair", "kind", "density", "params", *orig_tasks, *tgt_tasks, "original", "target"]
     head += [*METRIC_COLUMNS.values(), "seconds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -68,8 +70,8 @@ def markdown_table(result: BenchResult) -> str:
             r.kind,
             _density(r),
             _params(r),
-            *(_fmt(r.original[t]) for t in orig_tasks),
-            *(_fmt(r.target[t]) for t in tgt_tasks),
+            *(_fmt(r.original.get(t)) for t in orig_tasks),
+            *(_fmt(r.target.get(t)) for t in tgt_tasks),
             _fmt(r.original_score),
             _fmt(r.target_score),
             *(_fmt_interval(getattr(r, key), r.intervals.get(key)) for key in METRIC_COLUMNS),
@@ -117,6 +119,29 @@ def full_finetune_table(result: BenchResult) -> str:
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
+def multitask_table(result: BenchResult) -> str:
+    """The rows with several target tasks (the multitask pair): retention, each task's ratio against its own
+    fine-tune, H over all of them and its likelihood counterpart (intervals), and the paired differences in H and
+    LL H with the pair's reference row (TIES merging); ``*`` marks an interval that excludes 0."""
+    rows = [r for r in result.rows if r.multitask]
+    if not rows:
+        return ""
+    tasks = list(rows[0].multitask["target_ratio"])
+    reference = next((r.multitask["vs"]["reference"] for r in rows if r.multitask.get("vs")), "reference")
+    head = ["method", "kind", "density", "params", "retention", *(f"{t} ratio" for t in tasks), "H", "LL H"]
+    head += [f"ΔH vs {reference}", "95% interval", "ΔLL H", "95% interval"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        m = r.multitask
+        ratios = [_fmt_interval(m["target_ratio"].get(t), m["intervals"]["target_ratio"].get(t)) for t in tasks]
+        cells = [_name(r), r.kind, _density(r), _params(r), _fmt_interval(r.retention, r.intervals.get("retention"))]
+        cells += [*ratios, _fmt_interval(r.h_score, r.intervals.get("h_score"))]
+        cells += [_fmt_interval(r.ll_h_score, r.intervals.get("ll_h_score"))]
+        cells += [*_difference((m.get("vs") or {}).get("h_score")), *_difference((m.get("vs") or {}).get("ll_h_score"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _layers(tuned: list[int] | None) -> str:
     return f" (decoder layers {tuned[0]}–{tuned[-1]} tuned)" if tuned else ""
 
@@ -142,6 +167,7 @@ def markdown_report(result: BenchResult) -> str:
     boot = meta.get("bootstrap", {})
     comparison = comparison_table(result)
     against_full = full_finetune_table(result)
+    multitask = multitask_table(result)
     return (
         f"# TailorBench ({'quick' if result.quick else 'full'})\n\n"
         f"Date {meta.get('date')}; machine {json.dumps(meta.get('machine'))}; engine {meta.get('engine')}.\n"
@@ -161,6 +187,13 @@ def markdown_report(result: BenchResult) -> str:
             f"\n## Against the full fine-tune\n\nThe LoRA pair's rows with the main pair's full fine-tune as "
             f"the target anchor (retention is unchanged: the same pre-trained model).\n\n{against_full}\n"
             if against_full
+            else ""
+        )
+        + (
+            f"\n## The multitask pair\n\nEach target task's ratio against its own fine-tune; H is the harmonic "
+            f"mean of the retention and every task's ratio (the main table's target ratio is their mean).\n\n"
+            f"{multitask}\n"
+            if multitask
             else ""
         )
         + (f"\nNotes:{notes}\n" if notes else "")

@@ -1,9 +1,11 @@
 """TailorBench orchestration: build or reuse the models, produce every method row, evaluate, collect rows.
 
 The stage order lives here and only here, once per build of the rows' pairs (``bench.pairs``: the main build,
-then the all-layers one): assets -> models (cached) -> tasks -> rows (baselines in memory, the retraining rows
+then the all-layers one, then the multitask pair's, whose models are the main build's and whose tasks add the
+second target): assets -> models (cached) -> tasks -> rows (baselines in memory, the retraining rows
 of ``bench.retrain`` (cached fine-tunes), Model Tailor through ``methods.tailor_rows``, on the LoRA adapter
-for the LoRA pair, then the mergekit peers through ``methods.peer_rows`` when mergekit is installed) ->
+for the LoRA pair, the multitask pair's rows through ``bench.multitask``, then the mergekit peers through
+``methods.peer_rows`` when mergekit is installed) ->
 evaluation (cached per distinct set of weights, per-item outcomes kept) -> analysis (``bench.analysis``:
 metrics, bootstrap intervals, comparison, within each pair) -> ``BenchResult``. Quick and full runs share the
 cached models; ``quick`` only shrinks the test subsets and the method list.
@@ -22,6 +24,7 @@ from pathlib import Path
 import torch
 
 from model_tailor.bench import methods as M
+from model_tailor.bench import multitask as MX
 from model_tailor.bench import pairs as P
 from model_tailor.bench import retrain as R
 from model_tailor.bench.analysis import finalize
@@ -36,7 +39,7 @@ from model_tailor.bench.leaks import (
 from model_tailor.bench.meta import peer_notes, run_meta
 from model_tailor.bench.models import BuildConfig, BuiltModels, build_models, load_model
 from model_tailor.bench.results import BenchResult, Row
-from model_tailor.bench.tasks import ORIGINAL_TASKS, TARGET_TASKS, EvalConfig, Task, build_tasks, split_capitals
+from model_tailor.bench.tasks import ORIGINAL_TASKS, SECOND_TASK, EvalConfig, Task, build_tasks, split_capitals
 from model_tailor.io.atomic import atomic_write_text
 from model_tailor.io.checkpoint import CheckpointReader
 from model_tailor.pipeline.architectures import checkpoint_names
@@ -70,7 +73,9 @@ class BenchConfig:
         return self.eval or (EvalConfig.quick() if self.quick else EvalConfig())
 
 
-def _eval_key(cfg: BenchConfig, spec: M.MethodSpec) -> str:
+def _eval_key(cfg: BenchConfig, spec: M.MethodSpec, extra: Mapping | None = None) -> str:
+    """Key of a row's cached evaluation; ``extra`` (the multitask pair's ``MX.key_extra``) joins it only when
+    given, so every other row's key is the one it always had."""
     blob = json.dumps(
         {
             "v": RUN_VERSION,
@@ -78,6 +83,7 @@ def _eval_key(cfg: BenchConfig, spec: M.MethodSpec) -> str:
             "eval": asdict(cfg.eval_config()),
             "spec": spec.key(),
             "device": cfg.device,
+            **(extra or {}),
         },
         sort_keys=True,
         default=str,
@@ -85,7 +91,7 @@ def _eval_key(cfg: BenchConfig, spec: M.MethodSpec) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _weights_key(cfg: BenchConfig, digest: str) -> str:
+def _weights_key(cfg: BenchConfig, digest: str, extra: Mapping | None = None) -> str:
     blob = json.dumps(
         {
             "v": RUN_VERSION,
@@ -93,6 +99,7 @@ def _weights_key(cfg: BenchConfig, digest: str) -> str:
             "eval": asdict(cfg.eval_config()),
             "weights": digest,
             "device": cfg.device,
+            **(extra or {}),
         },
         sort_keys=True,
         default=str,
@@ -127,6 +134,7 @@ class _Session:
     num_layers: int
     files: dict[str, dict] = field(default_factory=dict)  # "items/<key>.json" -> per-item outcomes
     by_weights: dict[str, dict] = field(default_factory=dict)  # weights digest -> its one evaluation
+    key_extra: dict = field(default_factory=dict)  # the multitask session's evaluation keys (MX.key_extra)
 
     @property
     def eval_dir(self) -> Path:
@@ -134,7 +142,7 @@ class _Session:
 
     def cached_row(self, spec: M.MethodSpec) -> Row | None:
         """The row from an earlier run with the same build, subsets and spec, with its per-item outcomes."""
-        path = self.eval_dir / f"{_eval_key(self.cfg, spec)}.json"
+        path = self.eval_dir / f"{_eval_key(self.cfg, spec, self.key_extra)}.json"
         if not (self.cfg.reuse_evals and path.exists()):
             return None
         row = Row(**{**json.loads(path.read_text()), "cached": True, "pair": spec.pair, "kind": P.kind_of(spec)})
@@ -148,7 +156,7 @@ class _Session:
         """``(weights key, evaluation)`` of the model with ``overrides``, evaluated once per distinct set of
         weights (a one-model TIES is magnitude top-k and WiSE-FT at alpha is task arithmetic, bit for bit)."""
         digest = weights_digest(overrides)
-        key = _weights_key(self.cfg, digest)
+        key = _weights_key(self.cfg, digest, self.key_extra)
         path = self.eval_dir / f"w-{key}.json"
         if digest not in self.by_weights and self.cfg.reuse_evals and path.exists():
             self.by_weights[digest] = json.loads(path.read_text())
@@ -173,7 +181,7 @@ class _Session:
         if result["label"] != spec.label:
             extra = {**extra, "same_weights_as": result["label"]}
         original = {t: result["scores"][t] for t in ORIGINAL_TASKS}
-        target = {t: result["scores"][t] for t in TARGET_TASKS}
+        target = {t.name: result["scores"][t.name] for t in self.tasks if t.name not in ORIGINAL_TASKS}
         items = f"items/{key}.json"
         self.files[items] = _items_file(result)
         row = Row(
@@ -190,7 +198,7 @@ class _Session:
             pair=spec.pair,
             kind=P.kind_of(spec),
         )
-        atomic_write_text(self.eval_dir / f"{_eval_key(self.cfg, spec)}.json", json.dumps(asdict(row)))
+        atomic_write_text(self.eval_dir / f"{_eval_key(self.cfg, spec, self.key_extra)}.json", json.dumps(asdict(row)))
         return row
 
 
@@ -209,8 +217,9 @@ def _references(tasks: list[Task]) -> dict:
     }
 
 
-def _open(cfg: BenchConfig) -> _Session:
-    """Build or reuse the two models, load them, and fix the test subsets."""
+def _open(cfg: BenchConfig, multitask: bool = False) -> _Session:
+    """Build or reuse the two models, load them, and fix the test subsets (``multitask``: plus the second task's,
+    and the multitask pair's evaluation keys)."""
     built = build_models(cfg.build, cfg.cache_dir, cfg.device)
     (built.root / "evals").mkdir(exist_ok=True)
     ecfg = cfg.eval_config()
@@ -223,7 +232,11 @@ def _open(cfg: BenchConfig) -> _Session:
     log.info("fine-tune changed %d tensors", len(names))
     num_layers = model.config.text_config.num_hidden_layers
     pixels = PixelCache(processor.image_processor)
-    return _Session(cfg, built, ecfg, build_tasks(ecfg), model, processor, pixels, base, finetuned, names, num_layers)
+    tasks = build_tasks(ecfg) + ([SECOND_TASK.task(ecfg)] if multitask else [])
+    extra = MX.key_extra() if multitask else {}
+    return _Session(
+        cfg, built, ecfg, tasks, model, processor, pixels, base, finetuned, names, num_layers, key_extra=extra
+    )
 
 
 def _baseline_rows(s: _Session, specs: list[M.MethodSpec]) -> list[Row]:
@@ -242,7 +255,9 @@ def _baseline_rows(s: _Session, specs: list[M.MethodSpec]) -> list[Row]:
 def _preserve_data(s: _Session, specs: list[M.MethodSpec]) -> tuple[Path | None, dict | None]:
     """The bench-written preserve data and its leak check, when a preserve or rehearsal row is listed (even if
     cached)."""
-    if not any(spec.method == M.PRESERVE_METHOD or R.is_rehearsal(spec.method) for spec in specs):
+    if not any(
+        spec.method == M.PRESERVE_METHOD or R.is_rehearsal(spec.method) or MX.uses_preserve(spec) for spec in specs
+    ):
         return None, None
     from model_tailor.calibration.selfgen import load_instructions
 
@@ -300,6 +315,44 @@ def _adapter_rows(s: _Session, specs: list[M.MethodSpec], to_ckpt: dict) -> list
     return rows
 
 
+def _multitask_rows(
+    s: _Session, specs: list[M.MethodSpec], preserve: Path | None, to_ckpt: dict
+) -> tuple[list[Row], dict]:
+    """The multitask pair's rows beyond pretrained / finetuned, and the second task's leak check: its own fine-tune
+    and the multitask one (cached fine-tunes, ``bench.retrain``), then the tailored and merged rows."""
+    build, device = s.cfg.build, s.cfg.device
+    data = MX.second_data(s.built.root, build.calibration_samples, build.seed, s.tasks)
+    second = R.folder_state(R.second_finetune(build, SECOND_TASK, s.built, device), device)
+    names = sorted(set(s.names) | set(M.changed_tensors(s.base, second.state)))
+    if set(names) - set(to_ckpt):  # the second fine-tune changed a tensor the first did not
+        with CheckpointReader(s.built.pretrained) as reader:
+            to_ckpt = checkpoint_names(s.model, names, set(reader.names()))
+    rows = []
+    for spec in [spec for spec in specs if MX.is_retrained(spec)]:
+        if spec.method == R.second_method(SECOND_TASK):
+            got = second
+        else:
+            got = R.folder_state(R.multitask_finetune(build, SECOND_TASK, s.built, device), device)
+        changed = sorted(set(names) | set(M.changed_tensors(s.base, got.state)))
+        rows.append(s.score(spec, {n: got.state[n] for n in changed}, got.seconds, {"retrain": got.info}))
+    inputs = MX.MultitaskInputs(
+        s.built.pretrained,
+        (s.built.finetuned, Path(second.info["folder"])),
+        (s.built.calibration, data.calibration),
+        build.calibration_samples,
+        build.seed,
+        device,
+        s.built.root / "patches" / MX.PAIR,
+        to_ckpt,
+        preserve,
+        PRESERVE_CAPTIONS + len(split_capitals()[1]),
+    )
+    posthoc = [spec for spec in specs if not MX.is_retrained(spec)]
+    for spec, overrides, seconds, extra in MX.posthoc_rows(posthoc, inputs, s.base, (s.finetuned, second.state), names):
+        rows.append(s.score(spec, overrides, seconds, extra))
+    return rows, {"task": asdict(SECOND_TASK), "calibration": str(data.calibration), "check": data.check}
+
+
 def _peer_rows(s: _Session, specs: list[M.MethodSpec], to_ckpt: dict) -> list[Row]:
     """Last in the run: a mergekit failure cannot cost the rows before it (each is cached once scored)."""
     merged = M.peer_rows(specs, s.built.pretrained, s.built.finetuned, s.names, to_ckpt, s.built.root / "peers")
@@ -307,6 +360,8 @@ def _peer_rows(s: _Session, specs: list[M.MethodSpec], to_ckpt: dict) -> list[Ro
 
 
 def _category(spec: M.MethodSpec) -> str:
+    if spec.pair == MX.PAIR and spec.method not in P.ANCHOR_METHODS:
+        return "multitask"
     if R.is_retrain(spec.method):
         return "retrain"
     if "adapter" in spec.params:
@@ -317,7 +372,8 @@ def _category(spec: M.MethodSpec) -> str:
 def _build_rows(s: _Session, specs: list[M.MethodSpec]) -> tuple[list[Row], dict]:
     """Every row of one build's pairs (cached or produced), and that build's metadata."""
     rows: list[Row] = []
-    todo: dict[str, list[M.MethodSpec]] = {k: [] for k in ("baseline", "retrain", "tailor", "adapter", "peer")}
+    kinds = ("baseline", "retrain", "tailor", "adapter", "multitask", "peer")
+    todo: dict[str, list[M.MethodSpec]] = {k: [] for k in kinds}
     for spec in M.progress(specs, "tailorbench rows"):
         hit = s.cached_row(spec)
         if hit is not None:
@@ -328,12 +384,16 @@ def _build_rows(s: _Session, specs: list[M.MethodSpec]) -> tuple[list[Row], dict
     path, check = _preserve_data(s, specs)
     rows += _retrain_rows(s, todo["retrain"], path)
     to_ckpt: dict[str, str] = {}
-    if todo["tailor"] or todo["adapter"] or todo["peer"]:
+    if todo["tailor"] or todo["adapter"] or todo["multitask"] or todo["peer"]:
         with CheckpointReader(s.built.pretrained) as reader:
             to_ckpt = checkpoint_names(s.model, s.names, set(reader.names()))
     if todo["tailor"]:
         rows += _tailor_rows(s, todo["tailor"], path, to_ckpt)
     rows += _adapter_rows(s, todo["adapter"], to_ckpt)
+    second = None
+    if todo["multitask"]:
+        got, second = _multitask_rows(s, todo["multitask"], path, to_ckpt)
+        rows += got
     if todo["peer"]:
         rows += _peer_rows(s, todo["peer"], to_ckpt)
     build = {
@@ -346,7 +406,8 @@ def _build_rows(s: _Session, specs: list[M.MethodSpec]) -> tuple[list[Row], dict
         "changed_tensors": len(s.names),
     }
     preserve = None if path is None else {"path": str(path), "check": check}
-    return rows, {"build": build, "task_sizes": {t.name: len(t.examples) for t in s.tasks}, "preserve_data": preserve}
+    meta = {"build": build, "task_sizes": {t.name: len(t.examples) for t in s.tasks}, "preserve_data": preserve}
+    return rows, meta | ({"second_task": second} if second is not None else {})
 
 
 def run_bench(cfg: BenchConfig) -> BenchResult:
@@ -360,12 +421,15 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
     rows: list[Row] = []
     files: dict[str, dict] = {}
     builds: dict[str, dict] = {}
+    references: dict[str, list] = {}
     for name in dict.fromkeys(P.PAIRS[spec.pair].build for spec in specs):
-        s = _open(replace(cfg, build=P.build_config(cfg.build, name)))
+        s = _open(replace(cfg, build=P.build_config(cfg.build, name)), multitask=name == MX.BUILD)
         got, builds[name] = _build_rows(s, [spec for spec in specs if P.PAIRS[spec.pair].build == name])
         rows += got
-        files |= s.files | {"items/references.json": _references(s.tasks)}
+        references |= _references(s.tasks)  # every build tests the same items of the tasks it shares
+        files |= s.files
         del s, got
+    files["items/references.json"] = references
     rows = P.arrange(rows, specs)
     files = {r.items: files[r.items] for r in rows} | {"items/references.json": files["items/references.json"]}
     finalize(
@@ -375,6 +439,8 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
         seed=cfg.bootstrap_seed,
         anchors=P.anchors(),
         full_finetune=P.full_finetune(),
+        task_anchors=P.task_anchors(),
+        references=P.references(),
     )
     meta = run_meta(cfg, specs, rows, builds, time.perf_counter() - t_start)
     return BenchResult(cfg.quick, rows, meta, files)

@@ -57,8 +57,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         nargs="+",
         default=(),
         metavar="PAIR",
-        help="only rows of these pairs (main, lora_r16, all_layers; full variant) and the anchors they need "
-        "(default: main and every pair with a row --methods picks)",
+        help="only rows of these pairs (main, lora_r16, all_layers, multitask; full variant) and the anchors they "
+        "need (default: main and every pair with a row --methods picks; multitask only when named)",
     )
     p.add_argument(
         "--densities",
