@@ -6,8 +6,7 @@ pre-trained model and two fine-tunes of it with the same recipe: the main one (e
 tasks and on BOTH targets:
 
 * anchors: ``pretrained``, ``finetuned`` (easy-VQA's anchor) and ``finetuned_addition`` (the addition anchor);
-* ``mt_single`` (``task=``): each task's own Model Tailor patch at :data:`DENSITY`, alone: what one patch keeps of
-  the other task (nothing) and how much forgetting it repairs;
+* ``mt_single`` (``task=``): each task's own Model Tailor patch at :data:`DENSITY`, alone, scored on both targets;
 * ``mt_combine`` (``policy=`` disjoint-mean, sum, ties): ``combine`` of the two single-task patches, and
   ``mt_combine_redecorate``: disjoint-mean, then ``--redecorate`` with both tasks' calibration data;
 * ``mt_joint``: ONE patch from both fine-tunes and both calibration files (``tailor --finetuned A B``), and
@@ -19,8 +18,9 @@ tasks and on BOTH targets:
 
 Metrics (``bench.stats.task_metrics``): retention over the original tasks, each target's ratio against its own
 fine-tune, and H, the harmonic mean of the three; each row's H is compared with the ``ties`` row's by the paired
-bootstrap (``Row.multitask``). Budgets: every patch keeps :data:`DENSITY` of each task's delta per tensor (the
-combination's union holds up to twice that), as TIES keeps per delta.
+bootstrap (``Row.multitask``). Budgets, per tensor: each single-task patch and each of TIES' trims keeps
+:data:`DENSITY` of its delta, so a combination or merge holds up to twice that in all; the joint patch keeps
+:data:`DENSITY` in all. Every sparse row thus stays within :data:`DENSITY` per task (task arithmetic is dense).
 """
 
 from __future__ import annotations
