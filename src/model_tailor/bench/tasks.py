@@ -136,11 +136,14 @@ class SecondTask:
     """The multitask pair's second target task: two-digit addition asked in text ("What is 47 + 38? Answer with
     the number only." -> "85"), distinct from easy-VQA (no image, a skill the fine-tune must compute, not read).
 
-    Why it fits the bench: SmolLM2-135M, frozen inside the pre-trained mini-LLaVA, answers such prompts with
-    prose or a wrong sum (so the base's target ratio is low), digits are single tokens (a sum is three
-    answer tokens at most), and a fine-tune of the same layers with the same steps and batches rewrites how the
-    model answers "What is ..." questions, which the capital questions share. Every field is part of the multitask
-    pair's cache keys; the split is fixed, independent of the eval seed, like the preserve hold-out.
+    Why it should fit the bench (a real run checks it: the base's target ratio below 0.3, the fine-tune's
+    retention below 0.6): SmolLM2-135M, frozen inside the pre-trained mini-LLaVA, answers such prompts with prose
+    or a wrong sum, so the base scores near nothing under exact match; SmolLM2 splits digits into single tokens (a
+    sum is three answer tokens at most), which makes the sum learnable position by position; and the capital
+    questions share the prompt's "What is ..." opening, so a fine-tune of the same layers that rewrites how the
+    model answers it should cost the original tasks, as the easy-VQA one does. Two digits, not three: the
+    fine-tune sees ft_steps x ft_batch problems (640 by default). Every field is part of the multitask pair's
+    cache keys; the split is fixed, independent of the eval seed, like the preserve hold-out.
     """
 
     name: str = "addition"
