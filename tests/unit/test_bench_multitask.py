@@ -21,7 +21,7 @@ from model_tailor.bench.analysis import finalize
 from model_tailor.bench.data import Addition, addition_examples, addition_problems, addition_splits
 from model_tailor.bench.leaks import LeakError, addition_key, check_addition_disjoint
 from model_tailor.bench.models import BuildConfig
-from model_tailor.bench.report import markdown_report, multitask_table
+from model_tailor.bench.report import markdown_report, multitask_table, second_task_checks
 from model_tailor.bench.results import BenchResult, Row
 from model_tailor.bench.tasks import SECOND_TASK, EvalConfig, addition_hit
 from model_tailor.errors import ConfigError
@@ -201,7 +201,14 @@ def test_each_target_against_its_own_finetune_and_h_over_three():
     assert table.splitlines()[0].startswith("| method | kind | density | params | retention | easy_vqa ratio |")
     assert "| ΔH vs ties@0.1 |" in table.splitlines()[0]
     assert "| mt_joint | post-hoc | 0.1 |  | 0.833 ± " in table
+    checks = second_task_checks(BenchResult(False, rows, {}, files))
+    assert checks == (
+        "Second task (addition): the pre-trained model's addition ratio is 0.000 (wanted below 0.3) and "
+        "finetuned_addition's retention 0.167 (wanted below 0.6)."
+    )
+    assert second_task_checks(BenchResult(False, [r for r in rows if r.method != "finetuned_addition"], {})) == ""
     md = markdown_report(BenchResult(False, rows, {}, files))
+    assert checks in md
     assert "## The multitask pair" in md and "| easy_vqa | addition | original | target |" in md
 
 

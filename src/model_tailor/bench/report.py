@@ -142,6 +142,23 @@ def multitask_table(result: BenchResult) -> str:
     return "\n".join(lines)
 
 
+def second_task_checks(result: BenchResult) -> str:
+    """The second task's two requirements (issue 14), read off the multitask pair's anchors: the base must score
+    low on it (its ratio against the task's own fine-tune below 0.3: the fine-tune learned something) and that
+    fine-tune must forget (its retention below 0.6). Empty without the pair."""
+    rows = {r.method: r for r in result.rows if r.multitask}
+    tasks = list(rows["pretrained"].multitask["target_ratio"]) if "pretrained" in rows else []
+    second = next((t for t in tasks if t != MX.VQA), None)
+    anchor = dict(MX.task_anchors()).get(second or "")
+    if second is None or anchor not in rows:
+        return ""
+    ratio, retention = rows["pretrained"].multitask["target_ratio"][second], rows[anchor].retention
+    return (
+        f"Second task ({second}): the pre-trained model's {second} ratio is {_fmt(ratio)} (wanted below 0.3) and "
+        f"{anchor}'s retention {_fmt(retention)} (wanted below 0.6)."
+    )
+
+
 def _layers(tuned: list[int] | None) -> str:
     return f" (decoder layers {tuned[0]}–{tuned[-1]} tuned)" if tuned else ""
 
@@ -191,8 +208,8 @@ def markdown_report(result: BenchResult) -> str:
         )
         + (
             f"\n## The multitask pair\n\nEach target task's ratio against its own fine-tune; H is the harmonic "
-            f"mean of the retention and every task's ratio (the main table's target ratio is their mean).\n\n"
-            f"{multitask}\n"
+            f"mean of the retention and every task's ratio (the main table's target ratio is their mean). "
+            f"{second_task_checks(result)}\n\n{multitask}\n"
             if multitask
             else ""
         )
