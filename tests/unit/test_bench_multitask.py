@@ -236,6 +236,7 @@ EXPECTED = [
     ("mt_combine", 0.1, {"policy": "ties"}),
     ("mt_combine_redecorate", 0.1, {"policy": "disjoint-mean"}),
     ("mt_joint", 0.1, {}),
+    ("mt_joint", 1.0, {}),  # the dense RegMean-style merge
     ("mt_joint_preserve", 0.1, {"preserve": "user", "lambda": 1.0}),
     ("task_arithmetic", None, {"scale": 0.5}),
     ("task_arithmetic", None, {"scale": 1.0}),

@@ -10,7 +10,9 @@ tasks and on BOTH targets:
 * ``mt_combine`` (``policy=`` disjoint-mean, sum, ties): ``combine`` of the two single-task patches, and
   ``mt_combine_redecorate``: disjoint-mean, then ``--redecorate`` with both tasks' calibration data;
 * ``mt_joint``: ONE patch from both fine-tunes and both calibration files (``tailor --finetuned A B``), and
-  ``mt_joint_preserve``: the same with the bench's preserve data (what the preserve rows get);
+  ``mt_joint_preserve``: the same with the bench's preserve data (what the preserve rows get); ``mt_joint`` at
+  density 1 is the dense RegMean-style merge: every tuned linear at the least-squares minimiser of
+  ``sum_t ||(W - W_t) X_t||^2`` (damped; ``kernel.multitask``), the other changed tensors at base;
 * merges of the two deltas, data-free: ``task_arithmetic`` (``scale`` x their sum), ``ties`` at :data:`DENSITY`
   per delta (``methods.merge_overrides``; the pair's :data:`REFERENCE`) and mergekit's own ``ties`` when installed;
 * ``multitask_finetune``: one fine-tune on both tasks' data (``retrain.multitask_finetune``), the reference a
@@ -90,7 +92,7 @@ def multitask_specs(
     rows += [MethodSpec(SINGLE, DENSITY, {**mt, "task": t}, PAIR) for t in targets(task)]
     rows += [MethodSpec(COMBINE, DENSITY, {**mt, "policy": p}, PAIR) for p in COMBINE_POLICIES]
     rows += [MethodSpec(REDECORATE, DENSITY, {**mt, "policy": REDECORATE_POLICY}, PAIR)]
-    rows += [MethodSpec(JOINT, DENSITY, mt, PAIR)]
+    rows += [MethodSpec(JOINT, DENSITY, mt, PAIR), MethodSpec(JOINT, 1.0, mt, PAIR)]  # 1.0: RegMean-style
     rows += [MethodSpec(JOINT_PRESERVE, DENSITY, {**mt, "preserve": "user", "lambda": lam}, PAIR)]
     rows += [MethodSpec("task_arithmetic", None, {"scale": s}, PAIR) for s in TA_SCALES]
     rows += [MethodSpec(REFERENCE, DENSITY, {}, PAIR)]
