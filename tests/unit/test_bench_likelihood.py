@@ -67,3 +67,20 @@ def test_batched_prefix_cached_scores_equal_one_plain_forward_per_item(pico, wit
     assert len({len(a) for a in answer_ids(tok, examples)}) > 1  # answers of several lengths share a batch
     assert got == pytest.approx(expected, abs=1e-4)
     assert all(v < 0 for v in got)
+
+
+@pytest.mark.parametrize("with_image", [False, True])
+def test_scores_on_the_decoding_prompt_pass_equal_the_separate_pass_and_leave_the_answers_unchanged(pico, with_image):
+    # generate_and_score teacher-forces the reference on the prompt's KV cache and crops it back before decoding:
+    # the same scores as a separate likelihood pass, and bit-for-bit the same greedy answers as plain decoding
+    from model_tailor.bench.tasks import generate, generate_and_score
+
+    pair, model, processor, tokens = _load(pico)
+    examples = _examples(pair, with_image)
+    pixels = PixelCache(processor.image_processor)
+    common = {"max_new_tokens": 6, "batch_size": 3, "image_tokens": tokens, "desc": "t"}
+    answers, scores = generate_and_score(model, processor, examples, pixels, **common)
+    assert answers == generate(model, processor, examples, pixels, **common)
+    plain = answer_logprobs(model, processor, examples, pixels, batch_size=3, image_tokens=tokens)
+    assert scores == pytest.approx(plain, abs=1e-4)
+    assert len(scores) == len(QA)

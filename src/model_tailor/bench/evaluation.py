@@ -1,6 +1,7 @@
 """TailorBench evaluation of one model: greedy answers and the reference answers' likelihood, per item.
 
-Every item keeps its outcome (``hit``), its greedy ``answer`` and its ``logprob`` (``bench.likelihood``), so
+Every item keeps its outcome (``hit``), its greedy ``answer`` and its ``logprob`` (the score of
+``bench.likelihood``, computed on the decoding's own prompt pass by ``tasks.generate_and_score``), so
 any row can be re-scored or re-analysed from the stored items without running the model again.
 """
 
@@ -10,8 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from model_tailor.bench.data import PixelCache
-from model_tailor.bench.likelihood import answer_logprobs
-from model_tailor.bench.tasks import EvalConfig, Task, generate
+from model_tailor.bench.tasks import EvalConfig, Task, generate_and_score
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ def evaluate(
     scores, samples, items = {}, {}, {}
     for task in tasks:
         common = {"batch_size": cfg.batch_size, "image_tokens": image_tokens}
-        answers = generate(
+        answers, logprobs = generate_and_score(
             model,
             processor,
             task.examples,
@@ -40,9 +40,6 @@ def evaluate(
             max_new_tokens=task.max_new_tokens,
             desc=f"eval {label} {task.name}",
             **common,
-        )
-        logprobs = answer_logprobs(
-            model, processor, task.examples, pixels, desc=f"loglik {label} {task.name}", **common
         )
         hits = [int(task.hit(a, ex.response)) for a, ex in zip(answers, task.examples, strict=True)]
         scores[task.name] = sum(hits) / max(1, len(hits))

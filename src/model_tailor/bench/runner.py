@@ -49,8 +49,9 @@ __all__ = ["BenchConfig", "BenchResult", "Row", "peer_notes", "run_bench", "weig
 log = logging.getLogger(__name__)
 
 # 2: capital tests exclude the preserve hold-out countries (tasks.split_capitals); 3: prefix-cached greedy
-# decoding in batches of 64, one evaluation per distinct set of weights; 4: per-item outcomes and likelihoods
-RUN_VERSION = 4
+# decoding in batches of 64, one evaluation per distinct set of weights; 4: per-item outcomes and likelihoods;
+# 5: the likelihood on the decoding's own prompt pass (tasks.generate_and_score; equal to 1e-4, not bitwise)
+RUN_VERSION = 5
 
 
 @dataclass(frozen=True)
