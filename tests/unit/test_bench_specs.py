@@ -151,3 +151,20 @@ def test_cli_rejects_zero_resamples(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--resamples" in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_methods_glob_over_the_label_picks_one_setting():
+    full = M.method_specs(False, "pipeline")
+    picked = M.select_specs(full, ("*preserve=self*", "*preserve=user,structure=lowrank]"))
+    chosen = [s for s in picked if s.method not in ("pretrained", "finetuned")]
+    assert {(s.density, s.params["preserve"], s.params["structure"]) for s in chosen} == {
+        (0.10, "self", "sparse"),
+        (0.05, "self", "lowrank"),
+        (0.10, "self", "lowrank"),
+        (0.05, "user", "lowrank"),
+        (0.10, "user", "lowrank"),
+    }
+    assert [s.method for s in picked[:2]] == ["pretrained", "finetuned"]
+    assert M.select_specs(full, ("magnitude",)) == [
+        s for s in full if s.method in ("pretrained", "finetuned", "magnitude")
+    ]

@@ -130,12 +130,13 @@ class MethodSpec:
 
 
 def select_specs(specs: list[MethodSpec], only: tuple[str, ...]) -> list[MethodSpec]:
-    """Rows whose method name matches one of the ``only`` globs; pretrained and finetuned always stay (every
-    ratio is relative to them). No pattern: every row."""
+    """Rows whose method name or label (``MethodSpec.label``: ``method@density[params]``, so a glob can pick one
+    setting, e.g. ``'*preserve=self*'``) matches one of the ``only`` globs; pretrained and finetuned always stay
+    (every ratio is relative to them). No pattern: every row."""
     if not only:
         return specs
     anchors = ("pretrained", "finetuned")
-    keep = [s for s in specs if s.method in anchors or any(fnmatch(s.method, o) for o in only)]
+    keep = [s for s in specs if s.method in anchors or any(fnmatch(s.method, o) or fnmatch(s.label, o) for o in only)]
     if all(s.method in anchors for s in keep):
         names = sorted({s.method for s in specs} - set(anchors))
         raise ConfigError(f"--methods {' '.join(only)} matches no row; rows are: {', '.join(names)}")

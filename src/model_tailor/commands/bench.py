@@ -50,7 +50,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         nargs="+",
         default=(),
         metavar="GLOB",
-        help="only rows whose method matches (e.g. 'model_tailor*'); pretrained/finetuned always run",
+        help="only rows whose method or label matches (e.g. 'model_tailor*', or '*preserve=self*' for one "
+        "setting; labels are method@density[params] as results.json lists them); pretrained/finetuned always run",
     )
     p.add_argument(
         "--pairs",
