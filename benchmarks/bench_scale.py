@@ -57,6 +57,7 @@ class ScaleRow:
     layers: int
     checkpoint_gb: float
     peak_rss_gb: float
+    peak_anon_gb: float  # peak anonymous memory (RssAnon, sampled): RSS without the reclaimable mapped checkpoints
     peak_gpu_gb: float | None
     seconds_per_block: float
     seconds_total: float
@@ -163,21 +164,43 @@ def write_calibration(path: Path, texts: int, words: int, seed: int = 0) -> Path
     return path
 
 
-def run_tailor(base: Path, ft: Path, calib: Path, work: Path, args: argparse.Namespace) -> tuple[dict, dict, float]:
-    """Run the CLI in a child; returns ``(child record, report JSON, peak RSS in bytes)``."""
+def _anon_bytes(pid: int) -> int:
+    """The process's current anonymous resident memory (``RssAnon``); 0 where /proc does not say."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def run_tailor(
+    base: Path, ft: Path, calib: Path, work: Path, args: argparse.Namespace
+) -> tuple[dict, dict, float, float]:
+    """Run the CLI in a child; returns ``(child record, report JSON, peak RSS, peak anonymous memory)`` in bytes.
+
+    Peak RSS counts the memory-mapped checkpoint pages, which the kernel reclaims under pressure; the anonymous
+    peak (sampled every 0.1 s) is what the run itself must hold."""
     record = work / "child.json"
     argv = [sys.executable, "-c", _CHILD, str(record), "tailor", "--base", str(base), "--finetuned", str(ft)]
     argv += ["--calibration", str(calib), "--out", str(work / "patch.safetensors")]
     argv += ["--save-model", str(work / "model"), "--samples", str(args.texts), "--max-tokens", str(args.words)]
     argv += ["--device", args.device, "--dtype", args.dtype, "--quiet"]
     proc = subprocess.Popen(argv)
-    _, status, usage = os.wait4(proc.pid, 0)
+    anon = 0
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        anon = max(anon, _anon_bytes(proc.pid))
+        time.sleep(0.1)
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise SystemExit(f"bench_scale: tailor exited {proc.returncode}")
     report = json.loads((work / "patch.safetensors.report.json").read_text())
     rss = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # Linux reports KiB
-    return json.loads(record.read_text()), report, float(rss)
+    return json.loads(record.read_text()), report, float(rss), float(anon)
 
 
 def measure(n: int, shape: Shape, args: argparse.Namespace, root: Path) -> ScaleRow:
@@ -189,7 +212,7 @@ def measure(n: int, shape: Shape, args: argparse.Namespace, root: Path) -> Scale
     calib = write_calibration(folder / "calib.jsonl", args.texts, args.words, seed=args.seed)
     size = sum(f.stat().st_size for f in base.glob("*.safetensors"))
     t0 = time.perf_counter()
-    child, report, rss = run_tailor(base, ft, calib, folder, args)
+    child, report, rss, anon = run_tailor(base, ft, calib, folder, args)
     total = time.perf_counter() - t0
     per_block = [sum(layer["seconds"].values()) for layer in report["layers"]]
     shutil.rmtree(folder, ignore_errors=True)
@@ -198,6 +221,7 @@ def measure(n: int, shape: Shape, args: argparse.Namespace, root: Path) -> Scale
         layers=n,
         checkpoint_gb=size / 1e9,
         peak_rss_gb=rss / 1e9,
+        peak_anon_gb=anon / 1e9,
         peak_gpu_gb=None if gpu is None else gpu / 1e9,
         seconds_per_block=statistics.mean(per_block) if per_block else 0.0,
         seconds_total=total,
@@ -206,11 +230,11 @@ def measure(n: int, shape: Shape, args: argparse.Namespace, root: Path) -> Scale
 
 
 def table(rows: list[ScaleRow]) -> str:
-    lines = ["layers  checkpoint GB  peak RSS GB  peak GPU GB  s/block  total s"]
+    lines = ["layers  checkpoint GB  peak RSS GB  peak anon GB  peak GPU GB  s/block  total s"]
     for r in rows:
         gpu = "-" if r.peak_gpu_gb is None else f"{r.peak_gpu_gb:.2f}"
         lines.append(
-            f"{r.layers:>6}  {r.checkpoint_gb:>13.2f}  {r.peak_rss_gb:>11.2f}  {gpu:>11}  "
+            f"{r.layers:>6}  {r.checkpoint_gb:>13.2f}  {r.peak_rss_gb:>11.2f}  {r.peak_anon_gb:>12.2f}  {gpu:>11}  "
             f"{r.seconds_per_block:>7.1f}  {r.seconds_total:>7.1f}"
         )
     return "\n".join(lines)

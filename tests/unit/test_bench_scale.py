@@ -53,6 +53,7 @@ def test_run_writes_the_table_json(tmp_path):
     (row,) = result["rows"]
     assert row["layers"] == 1 and row["blocks"] == 1
     assert row["peak_rss_gb"] > 0.05  # a Python child with torch loaded holds well over 50 MB
+    assert 0.05 < row["peak_anon_gb"] <= row["peak_rss_gb"]  # sampled anonymous memory: part of RSS
     assert row["peak_gpu_gb"] is None  # CPU run
     assert 0 < row["seconds_per_block"] <= row["seconds_total"]
     assert 0 < row["checkpoint_gb"] < 0.01
