@@ -182,25 +182,13 @@ class _Patches:
         one = MethodSpec(SINGLE, spec.density, {k: spec.params[k] for k in ("alpha", "compensation")})
         key = f"{task}|{one.key()}"
         if key not in self._done:
-            from model_tailor.api import tailor
-            from model_tailor.bench.methods import _report_summary
-
             i, inputs = self.tasks.index(task), self.inputs
             t0 = time.perf_counter()
-            result = tailor(
-                base=inputs.base,
-                finetuned=inputs.finetuned[i],
-                calibration=inputs.calibration[i],
-                out=inputs.work_dir / f"single-{task}-{spec.density:g}-{_tag(one, inputs)}.safetensors",
-                density=spec.density,
-                samples=inputs.samples,
-                seed=inputs.seed,
-                device=inputs.device,
-                overwrite=True,
-                progress=True,
-                **_fields(spec),
+            out = inputs.work_dir / f"single-{task}-{spec.density:g}-{_tag(one, inputs)}.safetensors"
+            patch, summary = _tailor(
+                inputs, inputs.finetuned[i], inputs.calibration[i], out, spec.density, _fields(spec)
             )
-            self._done[key] = (result.patch, time.perf_counter() - t0, _report_summary(result.report))
+            self._done[key] = (patch, time.perf_counter() - t0, summary)
         return self._done[key]
 
     def both(self, spec: MethodSpec) -> tuple[list[object], float]:
@@ -210,9 +198,6 @@ class _Patches:
 
 def _joint(spec: MethodSpec, inputs: MultitaskInputs) -> tuple[object, dict]:
     """One joint patch of both fine-tunes (with the preserve data for ``mt_joint_preserve``)."""
-    from model_tailor.api import tailor
-    from model_tailor.bench.methods import _report_summary
-
     fields = _fields(spec)
     if spec.method == JOINT_PRESERVE:
         if inputs.preserve is None:
@@ -222,12 +207,24 @@ def _joint(spec: MethodSpec, inputs: MultitaskInputs) -> tuple[object, dict]:
             "preserve_weight": spec.params["lambda"],
             "preserve_samples": inputs.preserve_samples,
         }
+    out = inputs.work_dir / f"{spec.method}-{spec.density:g}-{_tag(spec, inputs)}.safetensors"
+    return _tailor(inputs, list(inputs.finetuned), list(inputs.calibration), out, spec.density, fields)
+
+
+def _tailor(
+    inputs: MultitaskInputs, finetuned: object, calibration: object, out: Path, density: float, fields: dict
+) -> tuple[object, dict]:
+    """``(patch, report summary)`` of one pipeline run with the pair's calibration options: one fine-tune (a
+    single-task patch) or a list of them (the joint patch)."""
+    from model_tailor.api import tailor
+    from model_tailor.bench.methods import _report_summary
+
     result = tailor(
         base=inputs.base,
-        finetuned=list(inputs.finetuned),
-        calibration=list(inputs.calibration),
-        out=inputs.work_dir / f"{spec.method}-{spec.density:g}-{_tag(spec, inputs)}.safetensors",
-        density=spec.density,
+        finetuned=finetuned,
+        calibration=calibration,
+        out=out,
+        density=density,
         samples=inputs.samples,
         seed=inputs.seed,
         device=inputs.device,

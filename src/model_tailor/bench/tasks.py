@@ -188,7 +188,7 @@ def generate(
     row has emitted EOS. On 2 CPU cores this makes a full TailorBench evaluation ~1.6x faster.
     """
     common = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "image_tokens": image_tokens}
-    return _decode(model, processor, examples, pixels, desc=desc, score=False, **common)[0]
+    return generate_and_score(model, processor, examples, pixels, desc=desc, score=False, **common)[0]
 
 
 @torch.no_grad()
@@ -202,27 +202,13 @@ def generate_and_score(
     batch_size: int,
     image_tokens: int,
     desc: str,
+    score: bool = True,
 ) -> tuple[list[str], list[float]]:
     """:func:`generate`'s greedy answers and each reference answer's mean per-token log-probability (the score of
     ``bench.likelihood.answer_logprobs``) from ONE prompt forward per batch: the reference tokens are
     teacher-forced on the prompt's KV cache, which is then cut back to the prompt for decoding. The prompt (and
-    its image) is most of an item's cost, so this saves the second prompt pass a separate likelihood pass makes."""
-    common = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "image_tokens": image_tokens}
-    return _decode(model, processor, examples, pixels, desc=desc, score=True, **common)
-
-
-def _decode(
-    model,
-    processor,
-    examples: Sequence[Example],
-    pixels: PixelCache,
-    *,
-    max_new_tokens: int,
-    batch_size: int,
-    image_tokens: int,
-    desc: str,
-    score: bool,
-) -> tuple[list[str], list[float]]:
+    its image) is most of an item's cost, so this saves the second prompt pass a separate likelihood pass makes.
+    ``score=False``: the answers alone (the scores list is empty)."""
     tok = processor.tokenizer
     device = next(model.parameters()).device
     rows = prompt_ids(tok, examples, image_tokens)
