@@ -193,3 +193,36 @@ def test_exact_compensation_on_1024_square_is_fast():
     out = exact_compensation(base, ft, keep, H)
     assert time.perf_counter() - t0 < 10.0  # ~1 s measured on 2 CPU cores
     assert torch.isfinite(out).all() and torch.equal(out[~keep], base[~keep])
+
+
+@pytest.mark.parametrize("k", [16, 300])
+def test_batched_spd_solve_is_right_on_both_routes_with_two_threads(k):
+    """Regression: torch 2.13's batched CPU LU with k >= 256 and 2 threads returned zero pivots."""
+    from model_tailor.kernel.compensation import _batched_spd_solve
+
+    g = torch.Generator().manual_seed(k)
+    X = torch.randn(96, k, 2 * k, generator=g)
+    A = X @ X.transpose(1, 2) / (2 * k) + 0.1 * torch.eye(k)
+    rhs = torch.randn(96, k, generator=g)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x = _batched_spd_solve(A, rhs)
+    finally:
+        torch.set_num_threads(threads)
+    want = torch.stack([torch.linalg.solve(A[b].double(), rhs[b].double()) for b in range(96)]).float()
+    torch.testing.assert_close(x, want, rtol=1e-4, atol=1e-4)
+
+
+def test_exact_compensation_matches_oracle_when_rows_keep_hundreds_of_columns():
+    base, ft, H, _ = _layer(48, 600, seed=11, dtype=torch.float32)
+    f = factor_hessian(H)
+    keep = torch.rand(48, 600, generator=torch.Generator().manual_seed(2)) < 0.5  # ~300-sized solves
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = exact_compensation(base, ft, keep, f.H_damped)
+    finally:
+        torch.set_num_threads(threads)
+    want = _oracle(base.double(), ft.double(), keep, f.H_damped.double()).float()
+    torch.testing.assert_close(out, want, rtol=1e-3, atol=1e-5)

@@ -36,6 +36,8 @@ MaskSelector = Callable[[torch.Tensor, slice], torch.Tensor]
 
 # Upper bound on elements of one batched |S| x |S| system stack in exact_compensation (~64 MB in fp32).
 _SOLVE_CHUNK_ELEMENTS = 1 << 24
+# Batched SPD solves of this size and up use Cholesky (see _batched_spd_solve).
+_CHOLESKY_MIN_SIZE = 128
 
 
 class SweepResult(NamedTuple):
@@ -160,6 +162,28 @@ def _sweep_block(
             Wt[se:].addmm_(U1[s:se, se:].T, Err[s:se], alpha=sign)
 
 
+def _batched_spd_solve(A: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """Solve a batch of SPD systems ``A[b] x[b] = rhs[b]`` (``A``: (b, k, k), ``rhs``: (b, k)).
+
+    Batched Cholesky from ``_CHOLESKY_MIN_SIZE`` up, batched LU below it, where LU is up to ~2x faster.
+    Why not LU throughout: torch 2.13's CPU batched ``lu_factor`` with k >= 256 and more than one thread
+    returns zero pivots for part of the batch (with ``info == 0``), and ``lu_solve`` then fails or is wrong.
+    Pivots and Cholesky ``info`` are still checked; any bad system is re-solved one at a time.
+    """
+    if A.shape[-1] >= _CHOLESKY_MIN_SIZE or A.device.type != "cpu":
+        L, info = torch.linalg.cholesky_ex(A)
+        x = torch.cholesky_solve(rhs[..., None], L)[..., 0]
+        bad = info != 0
+    else:
+        LU, pivots, info = torch.linalg.lu_factor_ex(A)
+        bad = (info != 0) | (pivots < 1).any(dim=-1) | (pivots > A.shape[-1]).any(dim=-1)
+        safe = torch.where(bad[:, None], torch.arange(1, A.shape[-1] + 1, device=A.device), pivots)
+        x = torch.linalg.lu_solve(LU, safe.to(pivots.dtype), rhs[..., None])[..., 0]
+    for b in bad.nonzero().flatten().tolist():
+        x[b] = torch.linalg.solve(A[b], rhs[b])
+    return x
+
+
 def _masked_row_solve(M: torch.Tensor, select: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     """Per row i, solve ``M[S_i, S_i] x = rhs_i[S_i]`` (S_i = ``select[i]``); x scattered into (rows, cols).
 
@@ -182,8 +206,7 @@ def _masked_row_solve(M: torch.Tensor, select: torch.Tensor, rhs: torch.Tensor) 
         A = M[idx[:, :, None], idx[:, None, :]]
         A = torch.where(ok[:, :, None] & ok[:, None, :], A, eye)  # padding: identity rows/cols, rhs 0 -> x 0
         rhs_s = torch.gather(rhs[r0:r1], 1, idx) * ok
-        # Batched LU, not Cholesky: torch's batched CPU Cholesky is ~20x slower here (measured, torch 2.13).
-        x = torch.linalg.solve(A, rhs_s)
+        x = _batched_spd_solve(A, rhs_s)
         # Padded slots point at unselected columns (order is a permutation) and carry x = 0.
         out[r0:r1].scatter_(1, idx, x * ok)
     return out
