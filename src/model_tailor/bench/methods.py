@@ -311,32 +311,51 @@ def tailor_rows(
             seconds = time.perf_counter() - t0 + engine.seconds
             out.append((spec, {n: patched.get(n, base[n]) for n in names}, seconds, summary))
     for spec in [s for s in specs if s.params.get("engine", "pipeline") == "pipeline"]:
-        from model_tailor.api import tailor
-
         t0 = time.perf_counter()
         tag = "" if spec.method in MT_VARIANTS else "-" + hashlib.sha256(spec.key().encode()).hexdigest()[:8]
         patch_path = inputs.work_dir / f"{spec.method}-{spec.density:g}{tag}.safetensors"
-        result = tailor(
-            base=inputs.base,
-            finetuned=inputs.finetuned,
-            calibration=inputs.calibration,
-            out=patch_path,
-            density=spec.density,
-            samples=inputs.num_samples,
-            seed=inputs.seed,
-            device=inputs.device,
-            overwrite=True,
-            progress=True,
-            **tailor_fields(spec, inputs),
-        )
+        run = PipelineRun(inputs.base, inputs.calibration, inputs.num_samples, inputs.seed, inputs.device)
+        patch, summary = run.tailor(inputs.finetuned, patch_path, spec.density, tailor_fields(spec, inputs))
         unmapped = [n for n in names if n not in inputs.to_ckpt]
         if unmapped:
             raise CheckpointError(f"no checkpoint name for changed tensors {unmapped[:5]}; cannot apply the patch")
-        state = result.patch.apply_to_state_dict({inputs.to_ckpt[n]: base[n] for n in names})
+        state = patch.apply_to_state_dict({inputs.to_ckpt[n]: base[n] for n in names})
         seconds = time.perf_counter() - t0
         overrides = {n: state[inputs.to_ckpt[n]] for n in names}
-        out.append((spec, overrides, seconds, _report_summary(result.report)))
+        out.append((spec, overrides, seconds, summary))
     return out
+
+
+@dataclass(frozen=True)
+class PipelineRun:
+    """The bench's calibration options for one ``model_tailor.api.tailor`` call: every pipeline-engine row
+    (single-task here, the multitask pair's single-task and joint patches in ``bench.multitask``) runs through
+    :meth:`tailor`, so they all read the same samples, seed and device."""
+
+    base: Path
+    calibration: object  # one file, or one per fine-tune (the joint patch)
+    samples: int
+    seed: int
+    device: str
+
+    def tailor(self, finetuned: object, out: Path, density: float, fields: dict) -> tuple[object, dict]:
+        """``(patch, report summary)``; ``finetuned`` is one folder or a list (the joint patch)."""
+        from model_tailor.api import tailor
+
+        result = tailor(
+            base=self.base,
+            finetuned=finetuned,
+            calibration=self.calibration,
+            out=out,
+            density=density,
+            samples=self.samples,
+            seed=self.seed,
+            device=self.device,
+            overwrite=True,
+            progress=True,
+            **fields,
+        )
+        return result.patch, _report_summary(result.report)
 
 
 def peer_rows(

@@ -216,23 +216,10 @@ def _tailor(
 ) -> tuple[object, dict]:
     """``(patch, report summary)`` of one pipeline run with the pair's calibration options: one fine-tune (a
     single-task patch) or a list of them (the joint patch)."""
-    from model_tailor.api import tailor
-    from model_tailor.bench.methods import _report_summary
+    from model_tailor.bench.methods import PipelineRun
 
-    result = tailor(
-        base=inputs.base,
-        finetuned=finetuned,
-        calibration=calibration,
-        out=out,
-        density=density,
-        samples=inputs.samples,
-        seed=inputs.seed,
-        device=inputs.device,
-        overwrite=True,
-        progress=True,
-        **fields,
-    )
-    return result.patch, _report_summary(result.report)
+    run = PipelineRun(inputs.base, calibration, inputs.samples, inputs.seed, inputs.device)
+    return run.tailor(finetuned, out, density, fields)
 
 
 def _combined(spec: MethodSpec, patches: _Patches) -> tuple[object, float, dict]:
