@@ -4,7 +4,9 @@
 needs A against B itself, on the same resampled items: this script re-runs the paired stratified bootstrap
 (``bench.stats.bootstrap``, the bench's own, same resamples and seed by default) over one pair's rows and prints,
 for each requested pair of rows, the difference in retention, target ratio and H with its 95% interval, starred
-where the interval excludes 0. Nothing is evaluated again; it reads ``results.json`` and ``items/``.
+where the interval excludes 0 (and in drift, where the rows carry the drift probe). The multitask pair's rows
+measure each target task against its own fine-tune, as the bench does (``Row.multitask``'s anchors). Nothing is
+evaluated again; it reads ``results.json`` and ``items/``.
 
     python benchmarks/compare_rows.py DIR                      # every row of the main pair against every other
     python benchmarks/compare_rows.py DIR --rows 'model_tailor_preserve*self*lowrank*' magnitude@0.1 lora_r16
@@ -51,23 +53,31 @@ def compare(folder: Path, pair: str, globs: list[str], resamples: int, seed: int
     files = {r["items"]: json.loads((folder / r["items"]).read_text()) for r in rows}
     items = [_Items(r) for r in rows]
     pre = names.index("pretrained")
-    ft = next(i for i, r in enumerate(rows) if r["kind"] == "anchor" and r["method"] != "pretrained")
+    anchors = (rows[0].get("multitask") or {}).get("anchors")
+    if anchors:  # each target task against its own fine-tune: {"addition": "multitask:finetuned_addition"}
+        ft: int | dict[str, int] = {t: names.index(a.split(":", 1)[1]) for t, a in anchors.items()}
+    else:
+        ft = next(i for i, r in enumerate(rows) if r["kind"] == "anchor" and r["method"] != "pretrained")
+    original, target = tuple(rows[0]["original"]), tuple(rows[0]["target"])
+    logprob = item_matrices(items, files, "logprob")
     result = stats.bootstrap(
         item_matrices(items, files, "hit"),
-        item_matrices(items, files, "logprob"),
+        logprob,
         pre,
         ft,
-        tuple(rows[0]["original"]),
-        tuple(rows[0]["target"]),
+        original,
+        target,
+        probe=tuple(t for t in logprob if t not in original and t not in target),
         resamples=resamples,
         seed=seed,
     )
+    metrics = [m for m in (*METRICS, stats.DRIFT) if m in result.points]
     picked = [i for i, n in enumerate(names) if not globs or any(fnmatch(n, g) for g in globs)]
     picked = [i for i in picked if i not in (pre, ft) or globs]
     out = []
     for a, b in itertools.combinations(picked, 2):
         entry = {"a": names[a], "b": names[b]}
-        for m in METRICS:
+        for m in metrics:
             entry[m] = result.difference(m, a, b)
         out.append(entry)
     return out
@@ -90,10 +100,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="also write the comparisons as JSON")
     args = ap.parse_args()
     rows = compare(args.folder, args.pair, args.rows, args.resamples, args.seed)
-    print("| a | b | Δ retention | Δ target ratio | Δ H |")
-    print("|---|---|---|---|---|")
+    shown = [m for m in (*METRICS, stats.DRIFT) if rows and m in rows[0]]
+    print("| a | b | " + " | ".join(f"Δ {m.replace('_', ' ').replace('h score', 'H')}" for m in shown) + " |")
+    print("|---|---|" + "---|" * len(shown))
     for r in rows:
-        print(f"| {r['a']} | {r['b']} | " + " | ".join(_cell(r[m]) for m in METRICS) + " |")
+        print(f"| {r['a']} | {r['b']} | " + " | ".join(_cell(r[m]) for m in shown) + " |")
     print(f"\n95% intervals of a paired bootstrap ({args.resamples} resamples, seed {args.seed}); * excludes 0.")
     if args.out is not None:
         args.out.write_text(json.dumps(rows, indent=1) + "\n")

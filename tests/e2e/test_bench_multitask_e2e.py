@@ -41,11 +41,12 @@ def test_multitask_pair(tmp_path):
     if not peers.is_available():
         want = [m for m in want if m != MX.MERGEKIT_TIES]
     assert methods == want and {r["pair"] for r in data["rows"]} == {"multitask"}
-    assert data["meta"]["task_sizes"] == {"capital_qa": 4, "captioning": 4, "easy_vqa": 4, "addition": 4}
+    sizes = {"capital_qa": 4, "captioning": 4, "easy_vqa": 4, "addition": 4, "drift": 4}
+    assert data["meta"]["task_sizes"] == sizes
     check = data["meta"]["builds"]["multitask"]["second_task"]["check"]
     assert check == {"train": 4095 - 1256, "calibration": cfg.build.calibration_samples, "test": 4}
     refs = json.loads((tmp_path / "out" / "items" / "references.json").read_text())
-    assert set(refs) == {"capital_qa", "captioning", "easy_vqa", "addition"} and refs["addition"][0]["image"] is None
+    assert set(refs) == set(sizes) and refs["addition"][0]["image"] is None
     rows = {r["method"] + json.dumps(r["params"].get("policy", r["params"].get("task", ""))): r for r in data["rows"]}
     for r in data["rows"]:
         assert set(r["target"]) == {"easy_vqa", "addition"} and set(r["multitask"]["target_ratio"]) == set(r["target"])

@@ -31,7 +31,7 @@ def test_bench_smoke(tmp_path, monkeypatch):
     result = run_bench(cfg)
     paths = write_outputs(result, tmp_path / "out")
     data = json.loads(paths["json"].read_text())
-    assert data["benchmark"] == "tailorbench" and data["version"] == 4 and data["quick"] is True
+    assert data["benchmark"] == "tailorbench" and data["version"] == 5 and data["quick"] is True
     methods = {r["method"] for r in data["rows"]}
     assert {"pretrained", "finetuned", "model_tailor"} <= methods
     if cfg.engine == "pipeline":  # preserve-aware rows on the bench-written user data, sparse and dense
@@ -75,12 +75,18 @@ def test_bench_smoke(tmp_path, monkeypatch):
         assert ft["intervals"]["target_ratio"] == [1.0, 1.0]
     assert pre["ll_retention"] == 1.0 and ft["ll_target_ratio"] == 1.0  # exp(0), exactly
     assert pre["intervals"]["ll_retention"] == [1.0, 1.0] and ft["intervals"]["ll_target_ratio"] == [1.0, 1.0]
+    # the drift probe: the pre-trained model's own answers, scored by every row; 0 for pretrained, exactly
+    assert data["meta"]["task_sizes"]["drift"] == cfg.eval.n_probe
+    assert pre["drift"] == 0.0 and pre["intervals"]["drift"] == [0.0, 0.0]
+    assert all(isinstance(r["drift"], float) for r in data["rows"])
+    assert "| drift |" in paths["md"].read_text()
     assert data["meta"]["bootstrap"]["resamples"] == 2000
     mag = next(r for r in data["rows"] if r["method"] == "magnitude")
     assert mag["vs_tailor"]["reference"] == "model_tailor@0.1" and set(mag["vs_tailor"]) == {
         "reference",
         "h_score",
         "ll_h_score",
+        "drift",
     }
     assert mag["vs_tailor"]["ll_h_score"]["excludes_zero"] in (True, False)
     md = paths["md"].read_text()
@@ -199,7 +205,7 @@ def _check_pairs_and_retraining(cfg: BenchConfig, monkeypatch, tmp_path) -> None
     result = run_bench(BenchConfig(**full, only=("lora*", "rehearsal*")))
     paths = write_outputs(result, tmp_path / "out-pairs")
     data = json.loads(paths["json"].read_text())
-    assert data["version"] == 4
+    assert data["version"] == 5
     got = {(r["pair"], r["method"], r["density"]): r for r in data["rows"]}
     assert list(got) == [
         ("main", "pretrained", None),
@@ -280,6 +286,10 @@ def _check_items(row: dict, out, sizes: dict) -> None:
     refs = json.loads((out / "items" / "references.json").read_text())
     for task, n in sizes.items():
         got = items["tasks"][task]
+        if task == "drift":  # the probe: likelihood of the pre-trained model's answers only (bench.probe)
+            assert got["hit"] == got["answer"] == [] and len(got["logprob"]) == len(refs[task]) == n
+            assert row["loglik"][task] == pytest.approx(sum(got["logprob"]) / n)
+            continue
         assert len(got["hit"]) == len(got["logprob"]) == len(got["answer"]) == len(refs[task]) == n
         assert set(got["hit"]) <= {0, 1} and all(v <= 0 for v in got["logprob"])
         acc = {**row["original"], **row["target"]}[task]

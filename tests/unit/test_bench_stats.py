@@ -101,3 +101,28 @@ def test_undefined_anchors_give_no_interval_and_harmonic_edges():
         bootstrap(
             {"a": zeros, "b": zeros, "t": zeros}, {"a": zeros, "b": zeros, "t": zeros}, 0, 1, ORIG, TGT, resamples=0
         )
+
+
+def test_drift_is_the_mean_log_prob_drop_from_pretrained_and_leaves_other_metrics_alone():
+    # probe "p" (likelihood only): pretrained [-1, -2, -3], finetuned 0.5 lower on every item, row 1.0 lower on
+    # the first item only -> drift 0 (exactly, interval [0, 0]), 0.5 (a constant shift: interval [0.5, 0.5]), 1/3
+    hits, logprob = _table(
+        [[1, 1, 0, 0], [0, 0, 0, 0], [1, 0, 0, 0]],
+        [[1, 0], [1, 0], [1, 1]],
+        [[0, 0, 0, 0, 0], [1, 1, 1, 1, 0], [1, 1, 0, 0, 0]],
+    )
+    pre = torch.tensor([-1.0, -2.0, -3.0], dtype=torch.float64)
+    probe = {**logprob, "p": torch.stack([pre, pre - 0.5, pre - torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)])}
+    with_probe = bootstrap(hits, probe, 0, 1, ORIG, TGT, probe=("p",), resamples=300, seed=2)
+    without = bootstrap(hits, logprob, 0, 1, ORIG, TGT, resamples=300, seed=2)
+    drift = with_probe.points["drift"]
+    assert drift[0].item() == 0.0 and with_probe.interval("drift", 0) == (0.0, 0.0)
+    assert drift[1].item() == pytest.approx(0.5) and with_probe.interval("drift", 1) == pytest.approx((0.5, 0.5))
+    assert drift[2].item() == pytest.approx(1 / 3)
+    low, high = with_probe.interval("drift", 2)
+    assert 0.0 <= low < 1 / 3 < high <= 1.0  # one item of three carries it: the resamples spread it
+    assert with_probe.difference("drift", 1, 2)["delta"] == pytest.approx(0.5 - 1 / 3)
+    # the probe is drawn after the other tasks: every other metric's resamples are unchanged by it
+    assert "drift" not in without.points
+    for key in without.samples:
+        assert torch.equal(with_probe.samples[key].nan_to_num(-9), without.samples[key].nan_to_num(-9))

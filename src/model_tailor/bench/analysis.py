@@ -43,7 +43,13 @@ def _bootstrap(
 ):
     hits, logprob = item_matrices(rows, files, "hit"), item_matrices(rows, files, "logprob")
     original, target = tuple(rows[0].original), tuple(rows[0].target)
-    return stats.bootstrap(hits, logprob, pre, ft, original, target, resamples=resamples, seed=seed), logprob
+    probe = tuple(t for t in logprob if t not in original and t not in target)  # the drift probe (bench.probe)
+    result = stats.bootstrap(hits, logprob, pre, ft, original, target, probe=probe, resamples=resamples, seed=seed)
+    return result, logprob
+
+
+def _metrics(result: stats.Analysis) -> tuple[str, ...]:
+    return (*stats.METRICS, *((stats.DRIFT,) if stats.DRIFT in result.points else ()))
 
 
 def _bounds(result: stats.Analysis, key: str, i: int) -> list[float] | None:
@@ -71,6 +77,8 @@ def _compare(rows: Sequence[Row], result: stats.Analysis) -> None:
             "h_score": result.difference("h_score", i, ref),
             "ll_h_score": result.difference("ll_h_score", i, ref),
         }
+        if stats.DRIFT in result.points:
+            r.vs_tailor["drift"] = result.difference(stats.DRIFT, i, ref)
 
 
 def _per_task(rows: Sequence[Row], result: stats.Analysis, anchors: Mapping[str, str], reference: str | None) -> None:
@@ -141,7 +149,7 @@ def finalize(
             ft = _anchor(group, anchors.get(pair, "finetuned"), pair)
         result, logprob = _bootstrap(group, files, pre, ft, resamples, seed)
         for i, r in enumerate(group):
-            for key in stats.METRICS:
+            for key in _metrics(result):
                 setattr(r, key, _number(result.points[key][i]))
                 r.intervals[key] = _bounds(result, key, i)
             r.loglik = {t: float(v[i].mean()) for t, v in logprob.items()}

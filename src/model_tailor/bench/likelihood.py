@@ -32,12 +32,16 @@ def answer_logprobs(
     batch_size: int,
     image_tokens: int,
     desc: str = "log-likelihood",
+    references: Sequence[list[int]] | None = None,
 ) -> list[float]:
-    """Mean per-token log-probability of each example's reference answer (``Example.response``)."""
+    """Mean per-token log-probability of each example's reference answer: ``Example.response`` and the
+    end-of-turn token, or exactly the token ids ``references`` gives per example (the drift probe's)."""
     tok = processor.tokenizer
     device = next(model.parameters()).device
     prompts = prompt_ids(tok, examples, image_tokens)
-    answers = answer_ids(tok, examples)
+    answers = [list(r) for r in references] if references is not None else answer_ids(tok, examples)
+    if len(answers) != len(examples) or not all(answers):
+        raise ValueError("every example needs a non-empty reference answer")
     prefix = shared_prefix(prompts, getattr(model.config, "image_token_id", None))  # leaves every prompt a token
     rows = [p + a for p, a in zip(prompts, answers, strict=True)]
     key = cache_name(model)

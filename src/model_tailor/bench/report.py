@@ -28,6 +28,7 @@ METRIC_COLUMNS = {
     "ll_retention": "LL retention",
     "ll_target_ratio": "LL target ratio",
     "ll_h_score": "LL H",
+    "drift": "drift",  # nats per token (bench.probe); lower is better
 }
 
 
@@ -91,14 +92,16 @@ def _difference(diff: dict | None) -> list[str]:
 
 def comparison_table(result: BenchResult) -> str:
     """Every row with a ``model_tailor`` row of its pair at its density: the paired-bootstrap difference in H
-    (accuracy and likelihood) with its 95% interval; ``*`` marks an interval that excludes 0."""
+    (accuracy and likelihood) and in drift (lower is better) with its 95% interval; ``*`` marks an interval
+    that excludes 0."""
     head = ["method", "pair", "density", "params", "ΔH vs model_tailor", "95% interval", "ΔLL H", "95% interval"]
+    head += ["Δdrift", "95% interval"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result.rows:
         if r.vs_tailor is None:
             continue
         cells = [_name(r), r.pair, _density(r), _params(r), *_difference(r.vs_tailor.get("h_score"))]
-        cells += _difference(r.vs_tailor.get("ll_h_score"))
+        cells += [*_difference(r.vs_tailor.get("ll_h_score")), *_difference(r.vs_tailor.get("drift"))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
@@ -191,8 +194,10 @@ def markdown_report(result: BenchResult) -> str:
         f"Test items: {sizes}. Retention = original / pre-trained original; target ratio = target / "
         f"fine-tuned target; H = harmonic mean of the two (accuracy: mean over each group's tasks of greedy "
         f"accuracy). LL: the same from the teacher-forced likelihood of the reference answers, per task "
-        f"exp(mean log-prob - the anchor's), averaged over the group's tasks. ± is half the 95% interval of a "
-        f"paired bootstrap over test items ({boot.get('resamples')} resamples, stratified by task, seed "
+        f"exp(mean log-prob - the anchor's), averaged over the group's tasks. Drift: the pre-trained model's "
+        f"own greedy answers to held-out generic instructions, mean log-prob per token under the pre-trained "
+        f"model minus under the row (nats per token; 0 for pretrained, lower is better). ± is half the 95% "
+        f"interval of a paired bootstrap over test items ({boot.get('resamples')} resamples, stratified by task, seed "
         f"{boot.get('seed')}).\n\n{_pairs_text(result)}{markdown_table(result)}\n"
         + (
             f"\n## Against Model Tailor at the same density\n\nPaired-bootstrap difference in H (row - "

@@ -12,7 +12,8 @@ from dataclasses import asdict, dataclass, field
 # 2: per-item outcomes, likelihood metrics, bootstrap intervals, comparison with Model Tailor;
 # 3: rows carry their pair and kind (anchor | post-hoc | retrain), LoRA-pair rows also score against the full fine-tune
 # 4: rows of the multitask pair carry ``multitask`` (each target task's ratio against its own fine-tune, vs TIES)
-RESULTS_VERSION = 4
+# 5: rows carry ``drift`` (the drift probe, bench.probe) with its interval, and vs_tailor its paired difference
+RESULTS_VERSION = 5
 KINDS = ("anchor", "post-hoc", "retrain")  # the pair's two models | computed from them | a different fine-tune
 
 
@@ -35,6 +36,7 @@ class Row:
     ll_retention: float | None = None
     ll_target_ratio: float | None = None
     ll_h_score: float | None = None
+    drift: float | None = None  # nats per token from the pre-trained model's answers (bench.probe); lower is better
     intervals: dict[str, list[float] | None] = field(default_factory=dict)  # metric -> [low, high] (95%)
     vs_tailor: dict | None = None  # paired difference in H with model_tailor at the same density
     items: str | None = None  # per-item outcomes, relative to results.json

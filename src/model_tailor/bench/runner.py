@@ -6,7 +6,8 @@ second target): assets -> models (cached) -> tasks -> rows (baselines in memory,
 of ``bench.retrain`` (cached fine-tunes), Model Tailor through ``methods.tailor_rows``, on the LoRA adapter
 for the LoRA pair, the multitask pair's rows through ``bench.multitask``, then the mergekit peers through
 ``methods.peer_rows`` when mergekit is installed) ->
-evaluation (cached per distinct set of weights, per-item outcomes kept) -> analysis (``bench.analysis``:
+evaluation (cached per distinct set of weights, per-item outcomes kept; the drift probe's references, the
+pre-trained model's answers, are made in ``_open`` while the model holds its weights) -> analysis (``bench.analysis``:
 metrics, bootstrap intervals, comparison, within each pair) -> ``BenchResult``. Quick and full runs share the
 cached models; ``quick`` only shrinks the test subsets and the method list.
 """
@@ -38,6 +39,7 @@ from model_tailor.bench.leaks import (
 )
 from model_tailor.bench.meta import peer_notes, run_meta
 from model_tailor.bench.models import BuildConfig, BuiltModels, build_models, load_model
+from model_tailor.bench.probe import drift_task
 from model_tailor.bench.results import BenchResult, Row
 from model_tailor.bench.tasks import ORIGINAL_TASKS, SECOND_TASK, EvalConfig, Task, build_tasks, split_capitals
 from model_tailor.io.atomic import atomic_write_text
@@ -51,7 +53,8 @@ log = logging.getLogger(__name__)
 # 2: capital tests exclude the preserve hold-out countries (tasks.split_capitals); 3: prefix-cached greedy
 # decoding in batches of 64, one evaluation per distinct set of weights; 4: per-item outcomes and likelihoods;
 # 5: the likelihood on the decoding's own prompt pass (tasks.generate_and_score; equal to 1e-4, not bitwise)
-RUN_VERSION = 5
+# 6: the drift probe (bench.probe) is part of every evaluation
+RUN_VERSION = 6
 
 
 @dataclass(frozen=True)
@@ -182,7 +185,7 @@ class _Session:
         if result["label"] != spec.label:
             extra = {**extra, "same_weights_as": result["label"]}
         original = {t: result["scores"][t] for t in ORIGINAL_TASKS}
-        target = {t.name: result["scores"][t.name] for t in self.tasks if t.name not in ORIGINAL_TASKS}
+        target = {t.name: result["scores"][t.name] for t in self.tasks if t.name not in ORIGINAL_TASKS and not t.probe}
         items = f"items/{key}.json"
         self.files[items] = _items_file(result)
         row = Row(
@@ -234,6 +237,8 @@ def _open(cfg: BenchConfig, multitask: bool = False) -> _Session:
     num_layers = model.config.text_config.num_hidden_layers
     pixels = PixelCache(processor.image_processor)
     tasks = build_tasks(ecfg) + ([SECOND_TASK.task(ecfg)] if multitask else [])
+    if ecfg.n_probe > 0:  # the pre-trained model's answers to the probe's prompts: model holds its weights here
+        tasks.append(drift_task(model, processor, ecfg, built.root, model.config.image_seq_length, cfg.device))
     extra = MX.key_extra() if multitask else {}
     return _Session(
         cfg, built, ecfg, tasks, model, processor, pixels, base, finetuned, names, num_layers, key_extra=extra

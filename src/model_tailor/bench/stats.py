@@ -22,6 +22,10 @@ l_t(finetuned_t))``), ``target_ratio`` is their mean, and H is the harmonic mean
 task's ratio, ``n / sum(1 / x_i)`` (H over three for two tasks; 0 when one is 0). A ratio of one task's
 accuracies against two different anchors has no common denominator, hence per-task ratios.
 
+Drift (the probe tasks, ``bench.probe``: likelihood only, the pre-trained model's own answers as references):
+drift = mean over probe tasks of ``l_p(pretrained) - l_p(m)``, nats per token; 0 for ``pretrained``, lower is
+better. It is a metric of its own, not part of retention or H.
+
 ``exp`` of a difference of mean log-probabilities is the ratio of geometric-mean per-token probabilities of
 the reference answers, so both ratios are exactly 1 for their anchor (like the accuracy ones) and above 1
 when the row finds the references likelier than its anchor.
@@ -42,6 +46,7 @@ from dataclasses import dataclass
 import torch
 
 METRICS = ("retention", "target_ratio", "h_score", "ll_retention", "ll_target_ratio", "ll_h_score")
+DRIFT = "drift"  # present only when the items include a probe task
 
 
 def resample_counts(sizes: Mapping[str, int], resamples: int, seed: int) -> dict[str, torch.Tensor]:
@@ -77,6 +82,13 @@ def _ratio(x: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
     return torch.where(anchor > 0, x / torch.where(anchor > 0, anchor, 1.0), torch.nan)
 
 
+def drift(ll: Mapping[str, torch.Tensor], pre: int, probe: Sequence[str]) -> dict[str, torch.Tensor]:
+    """``{DRIFT: mean over probe tasks of l_p(pre) - l_p}`` from per-task mean log-probs; empty without probes."""
+    if not probe:
+        return {}
+    return {DRIFT: torch.stack([ll[p][pre] - ll[p] for p in probe]).mean(0)}
+
+
 def metrics(
     acc: Mapping[str, torch.Tensor],
     ll: Mapping[str, torch.Tensor],
@@ -84,9 +96,10 @@ def metrics(
     ft: int,
     original: Sequence[str],
     target: Sequence[str],
+    probe: Sequence[str] = (),
 ) -> dict[str, torch.Tensor]:
-    """Every metric of :data:`METRICS` from per-task means ``(models, resamples)`` (accuracy and mean log-prob);
-    ``pre`` and ``ft`` index the anchor models."""
+    """Every metric of :data:`METRICS` (and :data:`DRIFT` with ``probe`` tasks) from per-task means ``(models,
+    resamples)`` (accuracy and mean log-prob); ``pre`` and ``ft`` index the anchor models."""
     orig = torch.stack([acc[t] for t in original]).mean(0)
     tgt = torch.stack([acc[t] for t in target]).mean(0)
     retention, target_ratio = _ratio(orig, orig[pre]), _ratio(tgt, tgt[ft])
@@ -99,7 +112,7 @@ def metrics(
         "ll_retention": ll_retention,
         "ll_target_ratio": ll_target,
         "ll_h_score": harmonic(ll_retention, ll_target),
-    }
+    } | drift(ll, pre, probe)
 
 
 def task_key(metric: str, task: str) -> str:
@@ -114,9 +127,10 @@ def task_metrics(
     anchors: Mapping[str, int],
     original: Sequence[str],
     target: Sequence[str],
+    probe: Sequence[str] = (),
 ) -> dict[str, torch.Tensor]:
-    """:data:`METRICS` with each target task measured against its own fine-tuned anchor (``anchors[task]``
-    indexes it), plus every task's own ratios under :func:`task_key` (module docstring)."""
+    """:data:`METRICS` (and :data:`DRIFT`) with each target task measured against its own fine-tuned anchor
+    (``anchors[task]`` indexes it), plus every task's own ratios under :func:`task_key` (module docstring)."""
     orig = torch.stack([acc[t] for t in original]).mean(0)
     retention = _ratio(orig, orig[pre])
     ratios = {t: _ratio(acc[t], acc[t][anchors[t]]) for t in target}
@@ -130,7 +144,7 @@ def task_metrics(
         "ll_target_ratio": torch.stack(list(ll_ratios.values())).mean(0),
         "ll_h_score": harmonic_all([ll_retention, *ll_ratios.values()]),
     }
-    out |= {task_key("target_ratio", t): v for t, v in ratios.items()}
+    out |= drift(ll, pre, probe) | {task_key("target_ratio", t): v for t, v in ratios.items()}
     return out | {task_key("ll_target_ratio", t): v for t, v in ll_ratios.items()}
 
 
@@ -172,6 +186,7 @@ def bootstrap(
     original: Sequence[str],
     target: Sequence[str],
     *,
+    probe: Sequence[str] = (),
     resamples: int = 2000,
     seed: int = 0,
     level: float = 0.95,
@@ -179,15 +194,16 @@ def bootstrap(
     """Point values and paired stratified bootstrap samples of every metric.
 
     ``hits[t]`` and ``logprob[t]`` are ``(models, n_t)``: row ``m`` is one model, column ``j`` the same test
-    item for every model. ``ft`` indexes the fine-tuned anchor, or maps each target task to its own
-    (:func:`task_metrics`). ``resamples`` must be at least 1; the bench uses 2,000.
+    item for every model (``probe`` tasks have ``logprob`` only). ``ft`` indexes the fine-tuned anchor, or maps
+    each target task to its own (:func:`task_metrics`). ``resamples`` must be at least 1; the bench uses 2,000.
+    Probe tasks are drawn after the others, so adding one leaves every other task's resamples unchanged.
     """
     if resamples < 1:
         raise ValueError(f"resamples must be >= 1, got {resamples}")
     tasks = [*original, *target]
     hits = {t: hits[t].to(torch.float64) for t in tasks}
-    logprob = {t: logprob[t].to(torch.float64) for t in tasks}
-    counts = resample_counts({t: hits[t].shape[1] for t in tasks}, resamples, seed)
+    logprob = {t: logprob[t].to(torch.float64) for t in [*tasks, *probe]}
+    counts = resample_counts({t: logprob[t].shape[1] for t in [*tasks, *probe]}, resamples, seed)
 
     def means(values: dict[str, torch.Tensor], weights: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
         if weights is None:
@@ -195,6 +211,6 @@ def bootstrap(
         return {t: v @ weights[t].T / v.shape[1] for t, v in values.items()}
 
     measure = metrics if isinstance(ft, int) else task_metrics
-    points = measure(means(hits, None), means(logprob, None), pre, ft, original, target)
-    samples = measure(means(hits, counts), means(logprob, counts), pre, ft, original, target)
+    points = measure(means(hits, None), means(logprob, None), pre, ft, original, target, probe)
+    samples = measure(means(hits, counts), means(logprob, counts), pre, ft, original, target, probe)
     return Analysis({k: v[:, 0] for k, v in points.items()}, samples, level)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import inspect
 import unicodedata
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +45,7 @@ from model_tailor.bench.data import (
 
 ORIGINAL_TASKS = ("capital_qa", "captioning")
 TARGET_TASKS = ("easy_vqa",)
+PROBE_TASKS = ("drift",)  # scored by likelihood alone, outside retention and the target ratio (bench.probe)
 # Countries held out of every capital test subset: the bench's "user-style" preserve data asks about them
 # (docs/METHOD.md §14). A fixed split, independent of the eval seed, so quick and full runs test the same pool.
 PRESERVE_COUNTRIES = 32
@@ -90,7 +91,8 @@ class EvalConfig:
     """Sizes of the fixed test subsets (None = all) and decoding lengths; the seed fixes the subsets.
 
     Full variant: every test capital outside the preserve hold-out (215), every easy-VQA test image whose
-    colour and shape are both known (791 captions), 1,000 of the 9,673 VQA test questions."""
+    colour and shape are both known (791 captions), 1,000 of the 9,673 VQA test questions, and 256 drift-probe
+    instructions whose pre-trained answers run to at most ``probe_tokens`` tokens (``bench.probe``)."""
 
     n_capitals: int | None = None
     n_captions: int | None = None
@@ -99,23 +101,43 @@ class EvalConfig:
     capital_tokens: int = 16
     caption_tokens: int = 10
     vqa_tokens: int = 4
+    n_probe: int = 256
+    probe_tokens: int = 32
     seed: int = 1234
 
     @classmethod
     def quick(cls) -> EvalConfig:
-        return cls(n_capitals=64, n_captions=48, n_vqa=96)  # sized for a cold `make demo` within 15 min
+        return cls(n_capitals=64, n_captions=48, n_vqa=96, n_probe=64)  # sized for a cold `make demo` within 15 min
 
     @classmethod
     def tiny(cls) -> EvalConfig:
-        return cls(n_capitals=4, n_captions=4, n_vqa=4, batch_size=4, capital_tokens=3, caption_tokens=3, vqa_tokens=2)
+        return cls(
+            n_capitals=4,
+            n_captions=4,
+            n_vqa=4,
+            batch_size=4,
+            capital_tokens=3,
+            caption_tokens=3,
+            vqa_tokens=2,
+            n_probe=4,
+            probe_tokens=3,
+        )
 
 
 @dataclass(frozen=True)
 class Task:
+    """A test task. With ``references`` (token ids per example, the drift probe's pre-trained answers) it is a
+    probe: only those exact tokens' likelihood is scored, nothing is decoded and nothing counts as a hit."""
+
     name: str
     examples: list[Example]
     max_new_tokens: int
-    hit: Callable[[str, str], bool]
+    hit: Callable[[str, str], bool] | None
+    references: list[list[int]] | None = None
+
+    @property
+    def probe(self) -> bool:
+        return self.references is not None
 
 
 def build_tasks(cfg: EvalConfig) -> list[Task]:
@@ -209,13 +231,56 @@ def generate_and_score(
     teacher-forced on the prompt's KV cache, which is then cut back to the prompt for decoding. The prompt (and
     its image) is most of an item's cost, so this saves the second prompt pass a separate likelihood pass makes.
     ``score=False``: the answers alone (the scores list is empty)."""
+    common = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "image_tokens": image_tokens}
+    answers: list[str] = []
+    logprobs: list[float] = []
+    for tokens, lp in _decode(model, processor, examples, pixels, desc=desc, score=score, **common):
+        answers.extend(processor.tokenizer.batch_decode(tokens, skip_special_tokens=True))
+        logprobs.extend(lp)
+    return answers, logprobs
+
+
+@torch.no_grad()
+def greedy_tokens(
+    model,
+    processor,
+    examples: Sequence[Example],
+    pixels: PixelCache,
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    image_tokens: int,
+    desc: str,
+) -> list[list[int]]:
+    """:func:`generate`'s greedy answers as token ids, each up to and including its first EOS (all
+    ``max_new_tokens`` when it emits none): exactly the tokens a likelihood probe of them must score."""
+    eos = processor.tokenizer.eos_token_id
+    common = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "image_tokens": image_tokens}
+    out: list[list[int]] = []
+    for tokens, _ in _decode(model, processor, examples, pixels, desc=desc, score=False, **common):
+        for row in tokens.tolist():
+            out.append(row[: row.index(eos) + 1] if eos in row else row)
+    return out
+
+
+def _decode(
+    model,
+    processor,
+    examples: Sequence[Example],
+    pixels: PixelCache,
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    image_tokens: int,
+    desc: str,
+    score: bool,
+) -> Iterator[tuple[torch.Tensor, list[float]]]:
+    """Per batch, the greedy tokens ``(batch, <= max_new_tokens)`` and (``score``) the reference answers' scores."""
     tok = processor.tokenizer
     device = next(model.parameters()).device
     rows = prompt_ids(tok, examples, image_tokens)
     references = answer_ids(tok, examples) if score else None
     prefix = shared_prefix(rows, getattr(model.config, "image_token_id", None))
-    answers: list[str] = []
-    logprobs: list[float] = []
     for start in tqdm(range(0, len(examples), batch_size), desc=desc, unit="batch", leave=False):
         batch = examples[start : start + batch_size]
         inputs = {
@@ -225,10 +290,7 @@ def generate_and_score(
         if batch[0].image is not None:
             inputs["pixel_values"] = pixels.get([ex.image for ex in batch]).to(device)
         refs = None if references is None else references[start : start + len(batch)]
-        tokens, lp = _greedy(model, inputs, rows[0][:prefix], max_new_tokens, tok.eos_token_id, tok.pad_token_id, refs)
-        answers.extend(tok.batch_decode(tokens, skip_special_tokens=True))
-        logprobs.extend(lp)
-    return answers, logprobs
+        yield _greedy(model, inputs, rows[0][:prefix], max_new_tokens, tok.eos_token_id, tok.pad_token_id, refs)
 
 
 def cache_name(model) -> str:
