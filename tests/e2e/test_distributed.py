@@ -184,7 +184,7 @@ def test_interrupted_run_resumes_on_two_ranks(pico, single, tmp_path):
     cwds = _folders(tmp_path)
     fields = {"base": str(pair.base), "finetuned": str(pair.finetuned), "calibration": str(pair.calibration)}
     ranks = _launch(["-c", STOP_ON_RANK_0, json.dumps({**fields, **OPTIONS, "out": "p.safetensors"})], cwds)
-    assert [r.code for r in ranks] == [1, 1]
+    assert [r.code for r in ranks] == [1, 1], [r.err for r in ranks]
     assert ranks[0].error_lines() == ["RuntimeError: stopped after model.layers.1"]
     assert ranks[1].error_lines() == ["RankError: rank 0 failed: RuntimeError: stopped after model.layers.1"]
     (work,) = [p for p in cwds[0].iterdir()]
