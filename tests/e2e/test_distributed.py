@@ -43,6 +43,24 @@ except Exception as err:
     sys.exit(1)
 """
 
+# The group's teardown: the pipeline imports transformers (and through it FSDP and torch.distributed.nn.functional)
+# after the group is up; the group must still be gone, its gloo threads joined, once open_group has closed it.
+# A group that outlives it has worker threads that can abort the interpreter's shutdown (SIGABRT, exit -6).
+TEARDOWN = """
+import os
+from model_tailor.pipeline.distributed import open_group
+
+def gloo_threads():
+    names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+    return sorted(n for n in names if "gloo" in n)
+
+with open_group("cpu") as group:
+    import torch.distributed.fsdp  # noqa: F401
+    assert gloo_threads(), "no gloo threads while the group is open: this check would prove nothing"
+    group.gather(group.rank)
+print(gloo_threads())
+"""
+
 
 @dataclass
 class Rank:
@@ -198,3 +216,10 @@ def test_interrupted_run_resumes_on_two_ranks(pico, single, tmp_path):
     _assert_same_patch(cwds[0] / "p.safetensors", single)
     assert sorted(p.name for p in cwds[0].iterdir()) == ["p.safetensors", "p.safetensors.report.json"]
     assert list(cwds[1].iterdir()) == []
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads thread names from Linux's /proc")
+def test_the_group_is_gone_when_open_group_closes_it(tmp_path):
+    ranks = _launch(["-c", TEARDOWN], _folders(tmp_path))
+    assert [r.code for r in ranks] == [0, 0], [r.err for r in ranks]
+    assert [r.out.strip() for r in ranks] == ["[]", "[]"]

@@ -201,6 +201,11 @@ def open_group(device: str) -> Iterator[Group]:
     local = _env_int("LOCAL_RANK", 0)
     created = not dist.is_initialized()
     if created:
+        # torch.distributed.nn.functional binds ``group.WORLD`` as a default argument when it is imported; imported
+        # after init (transformers' import of FSDP does that), it keeps the group alive past destroy_process_group,
+        # and gloo's worker threads then die during interpreter shutdown (SIGABRT). Imported first, it binds None.
+        import torch.distributed.nn.functional  # noqa: F401
+
         nccl = device.startswith("cuda") and torch.cuda.is_available()
         if nccl:
             torch.cuda.set_device(local)
