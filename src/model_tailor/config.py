@@ -31,6 +31,7 @@ from model_tailor.options import (
     MaskTiming,
     NonTargetPolicy,
     Preset,
+    Salience,
     SalienceSource,
     Sensitivity,
     Structure,
@@ -67,6 +68,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "preserve": None,
         "structure": "sparse",
         "salience_from": "delta",
+        "salience": "magnitude",
     },
 }
 
@@ -176,6 +178,11 @@ class TailorConfig(BaseModel):
     )
     salience_from: SalienceSource = Field(
         "delta", description="what salience ranks: |finetuned - base| or |target - base|"
+    )
+    salience: Salience = Field(
+        "magnitude",
+        description="how salience scores a change: magnitude |delta| (the paper) or fapm, "
+        "|delta| - mean|W_pre|*|delta|/|W_pre| (a change large against its own pre-trained weight ranks lower)",
     )
     cache_dir: Path = Field(
         default_factory=default_cache_dir,

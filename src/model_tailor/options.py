@@ -17,6 +17,7 @@ __all__ = [
     "GRANULARITIES",
     "IMAGE_PROMPTS",
     "MASK_TIMINGS",
+    "SALIENCE_KINDS",
     "SALIENCE_SOURCES",
     "SELF_PRESERVE_MODES",
     "SENSITIVITY_KINDS",
@@ -27,6 +28,7 @@ __all__ = [
     "MaskTiming",
     "NonTargetPolicy",
     "Preset",
+    "Salience",
     "SalienceSource",
     "SelfPreserveMode",
     "Sensitivity",
@@ -43,6 +45,8 @@ Compensation = Literal["obs", "official", "none", "exact"]
 Sensitivity = Literal["weight", "revert"]
 MaskTiming = Literal["adaptive", "upfront"]
 SalienceSource = Literal["delta", "target"]
+# How salience scores a change: |delta| (the paper), or FAPM's base-relative |delta| - mean|W_pre|*|delta|/|W_pre|.
+Salience = Literal["magnitude", "fapm"]
 Structure = Literal["sparse", "lowrank", "sparse+lowrank"]
 NonTargetPolicy = Literal["reset", "keep", "tailor"]
 DType = Literal["float32", "bfloat16", "float16"]
@@ -57,6 +61,7 @@ COMPENSATIONS: tuple[str, ...] = get_args(Compensation)
 SENSITIVITY_KINDS: tuple[str, ...] = get_args(Sensitivity)
 MASK_TIMINGS: tuple[str, ...] = get_args(MaskTiming)
 SALIENCE_SOURCES: tuple[str, ...] = get_args(SalienceSource)
+SALIENCE_KINDS: tuple[str, ...] = get_args(Salience)
 STRUCTURES: tuple[str, ...] = get_args(Structure)
 SELF_PRESERVE_MODES: tuple[str, ...] = get_args(SelfPreserveMode)
 

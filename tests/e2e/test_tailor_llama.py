@@ -105,3 +105,32 @@ def test_llama_resume(pico, tmp_path):
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
     fresh = tailor(pair.base, pair.finetuned, pair.calibration, density=0.25, samples=4)
     assert fresh.patch.equal(res.patch)
+
+
+def test_llama_fapm_salience_reaches_every_tensor(pico, tmp_path):
+    """``salience: fapm`` from the API down to each kernel call: data-free with one group per row, every
+    patch keeps exactly each row's top FAPM scores of that tensor's delta."""
+    from safetensors.torch import load_file
+
+    from model_tailor.api import tailor
+    from model_tailor.kernel.baselines import fapm_scores
+
+    pair = pico("llama")
+    res = tailor(
+        pair.base,
+        pair.finetuned,
+        None,
+        alpha=1.0,
+        compensation="none",
+        density=0.25,
+        granularity="row",
+        salience="fapm",
+    )
+    base = {k: v for f in sorted(pair.base.glob("*.safetensors")) for k, v in load_file(f).items()}
+    ft = {k: v for f in sorted(pair.finetuned.glob("*.safetensors")) for k, v in load_file(f).items()}
+    assert res.patch.tensors
+    for name, tp in res.patch.tensors.items():
+        b, f = base[name].float(), ft[name].float()
+        top = fapm_scores(f - b, b).topk(int(0.25 * b.shape[1]), dim=1).indices
+        expected = torch.zeros(b.shape, dtype=torch.bool).scatter_(1, top, True)
+        assert torch.equal(tp.indices, expected.flatten().nonzero().flatten()), name

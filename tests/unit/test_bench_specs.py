@@ -105,15 +105,18 @@ def test_every_engine_gets_each_ablation_own_options():
     full = {s.method: s for s in M.method_specs(False, "pipeline") if s.method in M.MT_VARIANTS}
     assert set(full) == set(M.MT_VARIANTS)
     fields = {name: M.tailor_fields(spec, inputs) for name, spec in full.items()}
-    assert fields["model_tailor"] == {"alpha": 0.8, "compensation": "obs", "guard": True, "sensitivity": "weight"}
+    plain = {"alpha": 0.8, "compensation": "obs", "guard": True, "sensitivity": "weight", "salience": "magnitude"}
+    assert fields["model_tailor"] == plain
     assert fields["mt_revert_sensitivity"]["sensitivity"] == "revert"
     assert fields["mt_official_sign"] == {
         "alpha": 0.8,
         "compensation": "official",
         "guard": False,
         "sensitivity": "weight",
+        "salience": "magnitude",
     }
     assert fields["mt_salience_only"]["alpha"] == 1.0 and fields["mt_sensitivity_only"]["alpha"] == 0.0
+    assert fields["mt_fapm_salience"] == {**plain, "alpha": 1.0, "salience": "fapm"}
     # the in-memory engine takes every one of those options by name (it gets them as ``**fields``)
     from model_tailor.bench.inmemory import InMemoryTailor
 

@@ -192,3 +192,25 @@ def test_runs_on_cuda_and_matches_cpu():
     assert gpu.weight.device.type == "cuda"
     assert torch.equal(gpu.weight.cpu()[~gpu.keep_mask.cpu()], base[~gpu.keep_mask.cpu()])
     assert (gpu.keep_mask.cpu() == cpu.keep_mask).float().mean() > 0.99
+
+
+def test_data_free_fapm_salience_keeps_fapm_top_entries_of_each_row():
+    """alpha 1, no compensation, one group per row: the kernel keeps each row's top FAPM scores
+    (kernel.baselines.fapm_scores, mean |W_pre| over the whole matrix), and they are not magnitude's."""
+    from model_tailor.kernel.baselines import fapm_scores
+
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(12, 20, generator=g)
+    ft = base + 0.3 * torch.randn(12, 20, generator=g)
+    opts = dict(density=0.25, alpha=1.0, compensation="none", granularity="row")
+    got = tailor_weight(base, ft, None, salience="fapm", **opts)
+    top = fapm_scores(ft - base, base).topk(5, dim=1).indices  # floor(0.25 * 20) per row
+    expected = torch.zeros_like(got.keep_mask).scatter_(1, top, True)
+    assert torch.equal(got.keep_mask, expected)
+    assert torch.equal(got.weight[got.keep_mask], ft[got.keep_mask])
+    assert not torch.equal(got.keep_mask, tailor_weight(base, ft, None, **opts).keep_mask)
+
+
+def test_unknown_salience_is_a_config_error():
+    with pytest.raises(ConfigError, match="salience"):
+        tailor_weight(torch.zeros(2, 2), torch.ones(2, 2), None, alpha=1.0, compensation="none", salience="x")

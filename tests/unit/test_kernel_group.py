@@ -114,3 +114,10 @@ def test_overflowing_sweep_is_a_numerical_error_naming_the_member():
     members = [GroupMember(base, -base, name="big"), GroupMember(base, -base, name="other")]
     with pytest.raises(NumericalError, match="big: tailored weight contains NaN or Inf"):
         tailor_group(members, H, density=0.5, guard=False)
+
+
+@pytest.mark.parametrize("mask_timing", ["adaptive", "upfront"])
+def test_group_equals_per_module_calls_with_fapm_salience(mask_timing):
+    H, members = _spd(), _members()
+    opts = dict(density=0.3, alpha=1.0, block_size=16, mask_timing=mask_timing, salience="fapm")
+    _check_same(tailor_group(members, H, **opts), members, H, **opts)

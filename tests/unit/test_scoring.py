@@ -76,3 +76,31 @@ def test_fused_score_is_invariant_to_sensitivity_scale():
 def test_fuse_scores_rejects_alpha_outside_unit_interval(alpha):
     with pytest.raises(ConfigError, match="alpha"):
         fuse_scores(torch.ones(1, 2), torch.ones(1, 2), alpha)
+
+
+def test_fapm_salience_by_hand_ranks_a_change_against_its_own_weight():
+    # mean |W_pre| = (1 + 2 + 4 + 0.5) / 4 = 1.875; score = |d| - 1.875 * |d| / |W_pre|
+    base = torch.tensor([[1.0, -2.0], [4.0, 0.5]], dtype=torch.float64)
+    delta = torch.tensor([[0.5, -1.0], [1.0, 0.25]], dtype=torch.float64)
+    got = salience(base, base + delta, kind="fapm")
+    assert got.dtype == torch.float64  # fp64 oracles stay fp64
+    expected = torch.tensor([[0.5 - 0.9375, 1.0 - 0.9375], [1.0 - 0.46875, 0.25 - 0.9375]], dtype=torch.float64)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-15)
+    # magnitude ties (0, 1) and (1, 0); FAPM prefers the change that is small against its own weight
+    assert salience(base, base + delta)[0, 1] == salience(base, base + delta)[1, 0]
+    assert got[1, 0] > got[0, 1]
+
+
+def test_fapm_salience_of_a_zero_base_weight_is_the_lowest_finite_score():
+    # mean |W_pre| = 1.5; (0, 0) changes a zero weight: -inf in FAPM, the matrix's lowest finite score here
+    base = torch.tensor([[0.0, 2.0], [2.0, 2.0]])
+    delta = torch.tensor([[0.1, 1.0], [0.5, 0.2]])
+    got = salience(base, base + delta, kind="fapm")
+    expected = torch.tensor([[0.05, 0.25], [0.125, 0.05]])
+    torch.testing.assert_close(got, expected)
+    assert bool(torch.isfinite(got).all())
+
+
+def test_salience_rejects_an_unknown_kind():
+    with pytest.raises(ConfigError, match="salience: kind must be one of"):
+        salience(torch.zeros(2, 2), torch.ones(2, 2), kind="relative")

@@ -94,6 +94,7 @@ class InMemoryTailor:
         compensation: str,
         sensitivity: str = "weight",
         guard: bool = True,
+        salience: str = "magnitude",
     ) -> tuple[dict[str, torch.Tensor], dict]:
         """Tailored weights of every hooked linear, and a summary (kept entries, reconstruction errors)."""
         out: dict[str, torch.Tensor] = {}
@@ -109,6 +110,7 @@ class InMemoryTailor:
                 compensation=compensation,
                 sensitivity=sensitivity,
                 guard=guard,
+                salience=salience,
                 name=name,
             )
             out[name] = tw.weight

@@ -40,6 +40,9 @@ MT_VARIANTS = {  # row name -> tailor() options; ablations at density 0.10 (docs
     "mt_official_sign": {"alpha": 0.8, "compensation": "official", "guard": False},
     # docs/METHOD.md, D5: rank by the cost of reverting the delta, (W̄ - W_pre)²/U_jj², not of zeroing the weight
     "mt_revert_sensitivity": {"alpha": 0.8, "compensation": "obs", "sensitivity": "revert"},
+    # FAPM's base-relative salience (kernel.scoring.salience) with OBS compensation: FAPM's selection, which forgets
+    # least on the all-layers pair, decorated as Model Tailor decorates its patch. A data-free default candidate.
+    "mt_fapm_salience": {"alpha": 1.0, "compensation": "obs", "salience": "fapm"},
 }
 # Preserve-aware Model Tailor (docs/METHOD.md §14): params {structure, preserve, lambda}; preserve
 # is "user" (the bench-written original-ability JSONL, ``data.write_preserve``) or "self" (base-model answers
@@ -270,6 +273,7 @@ def tailor_fields(spec: MethodSpec, inputs: TailorInputs) -> dict:
         "compensation": p["compensation"],
         "guard": p.get("guard", True),
         "sensitivity": p.get("sensitivity", "weight"),
+        "salience": p.get("salience", "magnitude"),
     }
     if spec.method == PRESERVE_METHOD:
         if p["preserve"] == "user" and inputs.preserve_user is None:

@@ -50,6 +50,8 @@ ALL_LAYERS_PRESERVE = (
     (0.10, "lowrank", "self"),
 )
 ALL_LAYERS_BASELINES = ("magnitude", "fapm")
+# Model Tailor variants at 0.10 on this pair too: the data-free default candidates must be measured on both pairs.
+ALL_LAYERS_VARIANTS = ("mt_salience_only", "mt_fapm_salience")
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,7 @@ def all_layers_specs(engine: str, build: BuildConfig) -> list[MethodSpec]:
     rows = [MethodSpec(m, pair=pair) for m in ANCHOR_METHODS]
     mt = {**MT_VARIANTS["model_tailor"], "engine": engine}
     rows += [MethodSpec("model_tailor", d, mt, pair) for d in ALL_LAYERS_DENSITIES]
+    rows += [MethodSpec(m, 0.10, {**MT_VARIANTS[m], "engine": engine}, pair) for m in ALL_LAYERS_VARIANTS]
     if engine == "pipeline":  # the in-memory engine has no preserve stream
         rows += [
             replace(preserve_spec(d, engine, structure=st, preserve=pr), pair=pair) for d, st, pr in ALL_LAYERS_PRESERVE

@@ -158,11 +158,12 @@ def fapm_scores(delta: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     """
     if base.shape != delta.shape:
         raise ConfigError(f"fapm: base shape {tuple(base.shape)} != delta shape {tuple(delta.shape)}")
-    d, w = delta.detach().float().abs(), base.detach().float().abs()
+    dtype = torch.promote_types(torch.promote_types(delta.dtype, base.dtype), torch.float32)  # fp64 stays fp64
+    d, w = delta.detach().to(dtype).abs(), base.detach().to(dtype).abs()
     mean = w.mean()
     if mean == 0:
         return d
-    relative = torch.where(w > 0, d / w.clamp_min(torch.finfo(torch.float32).tiny), torch.where(d > 0, torch.inf, 0.0))
+    relative = torch.where(w > 0, d / w.clamp_min(torch.finfo(dtype).tiny), torch.where(d > 0, torch.inf, 0.0))
     return torch.where(relative.isinf(), -torch.inf, d - mean * relative)
 
 

@@ -19,7 +19,7 @@ from model_tailor.errors import NumericalError
 from model_tailor.kernel.compensation import compute_dtype, obs_sweep
 from model_tailor.kernel.hessian import DampedFactor, factor_hessian, fp32_precision
 from model_tailor.kernel.masking import select_keep_mask
-from model_tailor.kernel.scoring import salience
+from model_tailor.kernel.scoring import salience as compute_salience
 from model_tailor.kernel.tailor import (
     TailoredWeight,
     _check_options,
@@ -71,6 +71,7 @@ def tailor_group(
     sensitivity: str = "weight",
     mask_timing: str = "adaptive",
     guard: bool = True,
+    salience: str = "magnitude",
 ) -> list[TailoredWeight]:
     """``[tailor_weight(m.base, m.finetuned, hessian, ...) for m in members]`` with the shared work done once.
 
@@ -81,11 +82,12 @@ def tailor_group(
     Returns:
         One :class:`TailoredWeight` per member, in order.
     """
-    _check_options(density, alpha, block_size, compensation, granularity, sensitivity, mask_timing, "delta")
+    _check_options(density, alpha, block_size, compensation, granularity, sensitivity, mask_timing, "delta", salience)
     for m in members:
         _validate(m.base, m.finetuned, hessian, None, m.keep_mask, m.name)
     opts = dict(density=density, alpha=alpha, block_size=block_size, percdamp=percdamp, compensation=compensation)
     opts.update(granularity=granularity, sensitivity=sensitivity, mask_timing=mask_timing, guard=guard)
+    opts.update(salience=salience)
     out: list[TailoredWeight | None] = [None] * len(members)
     grouped = []
     for i, m in enumerate(members):
@@ -142,7 +144,8 @@ def _prepare(m: GroupMember, factor: DampedFactor, timing: str, dtype: torch.dty
     """One member's scorer and upfront/fixed mask, exactly as ``tailor_weight`` builds them."""
     V = m.base.to(dtype=dtype)
     T = m.finetuned.to(device=V.device, dtype=dtype)
-    score = _Scorer(salience(V, T), V, factor.U.diagonal(), opts["alpha"], opts["sensitivity"])
+    sal = compute_salience(V, T, kind=opts["salience"])
+    score = _Scorer(sal, V, factor.U.diagonal(), opts["alpha"], opts["sensitivity"])
     keep = _first_mask(
         score, T, m.keep_mask, False, False, timing, opts["density"], opts["granularity"], opts["block_size"]
     )

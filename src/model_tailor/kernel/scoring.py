@@ -9,25 +9,43 @@ from __future__ import annotations
 import torch
 
 from model_tailor.errors import ConfigError, ShapeMismatchError
-from model_tailor.options import SENSITIVITY_KINDS
+from model_tailor.kernel.baselines import fapm_scores
+from model_tailor.options import SALIENCE_KINDS, SENSITIVITY_KINDS
 
 __all__ = ["fuse_scores", "salience", "sensitivity", "zscore_rows"]
 
 
-def salience(base: torch.Tensor, finetuned: torch.Tensor) -> torch.Tensor:
-    """``|finetuned - base|``: "a large change matters" (docs/METHOD.md §4). Computed once, never compensated.
+def salience(base: torch.Tensor, finetuned: torch.Tensor, *, kind: str = "magnitude") -> torch.Tensor:
+    """How much a change matters, from the delta alone (docs/METHOD.md §4). Computed once, never compensated.
+
+    ``magnitude`` (the paper): ``|finetuned - base|``, "a large change matters". ``fapm``: FAPM's base-relative
+    score ``|Δ| - mean(|W_pre|)·|Δ|/|W_pre|`` (:func:`~model_tailor.kernel.baselines.fapm_scores`), which ranks
+    a change lower the larger it is against its own pre-trained weight; on the bench's all-layers pair that
+    selection forgets far less than magnitude. FAPM scores a change of a zero pre-trained weight ``-inf``; here
+    it gets the matrix's lowest finite score instead, so the per-row z-scores of the fusion stay finite.
 
     Args:
         base: ``(rows, cols)`` pre-trained weights.
         finetuned: ``(rows, cols)`` fine-tuned weights (or the reconstruction target).
+        kind: ``"magnitude"`` or ``"fapm"``.
 
     Returns:
-        ``(rows, cols)`` non-negative scores; higher = keep.
+        ``(rows, cols)`` finite scores (non-negative for ``magnitude``); higher = keep.
     """
+    if kind not in SALIENCE_KINDS:
+        raise ConfigError(f"salience: kind must be one of {SALIENCE_KINDS}, got {kind!r}")
     if base.shape != finetuned.shape:
         raise ShapeMismatchError(f"salience: base {tuple(base.shape)} != finetuned {tuple(finetuned.shape)}")
     dtype = torch.promote_types(torch.promote_types(base.dtype, finetuned.dtype), torch.float32)
-    return (finetuned.to(dtype) - base.to(dtype)).abs()
+    delta = finetuned.to(dtype) - base.to(dtype)
+    if kind == "magnitude":
+        return delta.abs()
+    scores = fapm_scores(delta, base.to(dtype))
+    finite = scores.isfinite()
+    if bool(finite.all()):
+        return scores
+    floor = scores[finite].min() if bool(finite.any()) else scores.new_zeros(())
+    return torch.where(finite, scores, floor)
 
 
 def sensitivity(

@@ -23,9 +23,10 @@ from model_tailor.kernel.compensation import (
 )
 from model_tailor.kernel.hessian import DampedFactor, factor_hessian, fp32_precision
 from model_tailor.kernel.masking import GRANULARITIES, check_density, select_keep_mask
-from model_tailor.kernel.scoring import SENSITIVITY_KINDS, fuse_scores, salience
+from model_tailor.kernel.scoring import SENSITIVITY_KINDS, fuse_scores
+from model_tailor.kernel.scoring import salience as compute_salience
 from model_tailor.kernel.scoring import sensitivity as compute_sensitivity
-from model_tailor.options import MASK_TIMINGS, SALIENCE_SOURCES
+from model_tailor.options import MASK_TIMINGS, SALIENCE_KINDS, SALIENCE_SOURCES
 
 __all__ = ["TailorStats", "TailoredWeight", "compensate", "tailor_weight"]
 
@@ -142,6 +143,7 @@ def tailor_weight(
     target: torch.Tensor | None = None,
     name: str | None = None,
     salience_from: str = "delta",
+    salience: str = "magnitude",
 ) -> TailoredWeight:
     """Tailor one linear weight (docs/METHOD.md §2-§8): keep a ``density`` patch of the delta, revert the rest.
 
@@ -168,6 +170,8 @@ def tailor_weight(
             :mod:`model_tailor.kernel.structure`).
         name: parameter name for errors, logs and stats.
         salience_from: ``"delta"`` (|finetuned - base|, §4) or ``"target"`` (|target - base|).
+        salience: how salience scores that change: ``"magnitude"`` (its absolute value, the paper) or
+            ``"fapm"`` (base-relative, :func:`~model_tailor.kernel.scoring.salience`).
 
     Returns:
         :class:`TailoredWeight`; ``weight`` has base's shape and dtype and equals base bitwise off the mask.
@@ -177,7 +181,9 @@ def tailor_weight(
         ShapeMismatchError: shapes disagree.
         NumericalError: NaN/Inf in an input or a failed factorisation.
     """
-    _check_options(density, alpha, block_size, compensation, granularity, sensitivity, mask_timing, salience_from)
+    _check_options(
+        density, alpha, block_size, compensation, granularity, sensitivity, mask_timing, salience_from, salience
+    )
     _validate(base, finetuned, hessian, target, keep_mask, name)
     device, dtype = base.device, compute_dtype(base, finetuned, hessian, target)
     V = base.to(dtype=dtype)
@@ -190,7 +196,8 @@ def tailor_weight(
         timing = _timing(mask_timing, keep_mask, granularity, compensation, name)
         sal_src = T if salience_from == "target" else finetuned.to(device=device, dtype=dtype)
         # docs/METHOD.md §4: salience once, from the original delta
-        score = _Scorer(salience(V, sal_src), V, None if factor is None else factor.U.diagonal(), alpha, sensitivity)
+        sal = compute_salience(V, sal_src, kind=salience)
+        score = _Scorer(sal, V, None if factor is None else factor.U.diagonal(), alpha, sensitivity)
         keep = _first_mask(score, T, keep_mask, trivial, no_delta, timing, density, granularity, block_size)
         clock.lap("select")
         W_comp, keep = _decorate(V, T, keep, factor, score, compensation, timing, density, block_size, trivial)
@@ -217,12 +224,14 @@ def _check_options(
     sensitivity: str,
     mask_timing: str,
     salience_from: str,
+    salience: str = "magnitude",
 ) -> None:
     _check_choice(compensation, COMPENSATIONS, "compensation")
     _check_choice(granularity, GRANULARITIES, "granularity")
     _check_choice(sensitivity, SENSITIVITY_KINDS, "sensitivity")
     _check_choice(mask_timing, MASK_TIMINGS, "mask_timing")
     _check_choice(salience_from, SALIENCE_SOURCES, "salience_from")
+    _check_choice(salience, SALIENCE_KINDS, "salience")
     check_density(density)
     if not 0.0 <= alpha <= 1.0:
         raise ConfigError(f"alpha must be in [0, 1], got {alpha}")

@@ -119,6 +119,7 @@ def _options(cfg: TailorConfig, free: bool) -> dict[str, Any]:
         sensitivity=cfg.sensitivity,
         mask_timing=cfg.mask_timing,
         guard=cfg.guard,
+        salience=cfg.salience,
     )
 
 

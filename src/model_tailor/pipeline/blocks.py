@@ -19,6 +19,7 @@ from model_tailor.config import TailorConfig
 from model_tailor.errors import ConfigError
 from model_tailor.io.checkpoint import CheckpointReader
 from model_tailor.kernel.masking import select_keep_masks_global
+from model_tailor.kernel.scoring import salience
 from model_tailor.pipeline.activations import BlockHessians, Stream, accumulate, capture_stream, reaching_batches
 from model_tailor.pipeline.architectures import ModelLayout
 from model_tailor.pipeline.distributed import Group, kernel_cost
@@ -177,7 +178,7 @@ class BlockRunner:
 
     # -- stages ---------------------------------------------------------------------------------------------
     def global_masks(self) -> None:
-        """``granularity: global``: one threshold over all targets on salience |delta| (docs/METHOD.md §4, §7).
+        """``granularity: global``: one threshold over all targets on salience (docs/METHOD.md §4, §7).
 
         The fused score's sensitivity half needs the compensated weights of each block, which a global
         threshold
@@ -187,7 +188,8 @@ class BlockRunner:
         """
         scores = {}
         for t in self.prep.plan.targets:
-            scores[t.name] = (self.source.finetuned.get(t.name).float() - self.source.base.get(t.name).float()).abs()
+            base, finetuned = self.source.base.get(t.name).float(), self.source.finetuned.get(t.name).float()
+            scores[t.name] = salience(base, finetuned, kind=self.cfg.salience)
         self.keep_masks = select_keep_masks_global(scores, self.cfg.density)
 
     def resume(self, workdir: WorkDir | None) -> None:
