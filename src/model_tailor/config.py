@@ -69,6 +69,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "structure": "sparse",
         "salience_from": "delta",
         "salience": "magnitude",
+        "compensation_from": 0,
     },
 }
 
@@ -183,6 +184,12 @@ class TailorConfig(BaseModel):
         "magnitude",
         description="how salience scores a change: magnitude |delta| (the paper) or fapm, "
         "|delta| - mean|W_pre|*|delta|/|W_pre| (a change large against its own pre-trained weight ranks lower)",
+    )
+    compensation_from: int = Field(
+        0,
+        ge=0,
+        description="layer index (counted in each block list) where compensation starts; the layers before it keep "
+        "their kept entries at the fine-tuned values (plain selection, as with compensation=none)",
     )
     cache_dir: Path = Field(
         default_factory=default_cache_dir,

@@ -134,3 +134,25 @@ def test_llama_fapm_salience_reaches_every_tensor(pico, tmp_path):
         top = fapm_scores(f - b, b).topk(int(0.25 * b.shape[1]), dim=1).indices
         expected = torch.zeros(b.shape, dtype=torch.bool).scatter_(1, top, True)
         assert torch.equal(tp.indices, expected.flatten().nonzero().flatten()), name
+
+
+def test_llama_compensation_from_leaves_early_layers_plain(pico):
+    """``compensation_from: 2``: layer 1 is tailored exactly as with ``compensation: none`` (same inputs, same
+    mask, kept entries at their fine-tuned values), layer 2 is compensated; 0 is the default run."""
+    from model_tailor.api import tailor
+
+    pair = pico("llama")
+    common = dict(density=0.25, samples=4, granularity="tensor")
+    split = tailor(pair.base, pair.finetuned, pair.calibration, compensation_from=2, **common)
+    plain = tailor(pair.base, pair.finetuned, pair.calibration, compensation="none", **common)
+    default = tailor(pair.base, pair.finetuned, pair.calibration, **common)
+    assert tailor(pair.base, pair.finetuned, pair.calibration, compensation_from=0, **common).patch.equal(default.patch)
+    by_block = {layer.block: layer.tensors for layer in split.report.layers}
+    assert {s.compensation for s in by_block["model.layers.1"].values()} == {"none"}
+    assert {s.compensation for s in by_block["model.layers.2"].values()} == {"obs"}
+    for name, tp in split.patch.tensors.items():
+        other = plain.patch.tensors[name]
+        if ".layers.1." in name:
+            assert torch.equal(tp.indices, other.indices) and torch.equal(tp.values, other.values), name
+        else:
+            assert not torch.equal(tp.values, other.values), name

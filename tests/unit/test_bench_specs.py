@@ -105,7 +105,14 @@ def test_every_engine_gets_each_ablation_own_options():
     full = {s.method: s for s in M.method_specs(False, "pipeline") if s.method in M.MT_VARIANTS}
     assert set(full) == set(M.MT_VARIANTS)
     fields = {name: M.tailor_fields(spec, inputs) for name, spec in full.items()}
-    plain = {"alpha": 0.8, "compensation": "obs", "guard": True, "sensitivity": "weight", "salience": "magnitude"}
+    plain = {
+        "alpha": 0.8,
+        "compensation": "obs",
+        "guard": True,
+        "sensitivity": "weight",
+        "salience": "magnitude",
+        "compensation_from": 0,
+    }
     assert fields["model_tailor"] == plain
     assert fields["mt_revert_sensitivity"]["sensitivity"] == "revert"
     assert fields["mt_official_sign"] == {
@@ -114,9 +121,12 @@ def test_every_engine_gets_each_ablation_own_options():
         "guard": False,
         "sensitivity": "weight",
         "salience": "magnitude",
+        "compensation_from": 0,
     }
     assert fields["mt_salience_only"]["alpha"] == 1.0 and fields["mt_sensitivity_only"]["alpha"] == 0.0
     assert fields["mt_fapm_salience"] == {**plain, "alpha": 1.0, "salience": "fapm"}
+    assert fields["mt_salience_only_late"] == {**plain, "alpha": 1.0, "compensation_from": 18}
+    assert fields["mt_fapm_salience_late"] == {**plain, "alpha": 1.0, "salience": "fapm", "compensation_from": 18}
     # the in-memory engine takes every one of those options by name (it gets them as ``**fields``)
     from model_tailor.bench.inmemory import InMemoryTailor
 

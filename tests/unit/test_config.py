@@ -34,6 +34,7 @@ def test_defaults_are_the_corrected_behaviour():
         ("samples", 0, "samples"),
         ("device", "tpu", "device"),
         ("device", "cpu:1", "device"),
+        ("compensation_from", -1, "compensation_from"),
         ("desnity", 0.1, "desnity: unknown option"),
     ],
 )

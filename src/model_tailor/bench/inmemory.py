@@ -29,6 +29,13 @@ log = logging.getLogger(__name__)
 _LAYER = re.compile(r"^model\.language_model\.layers\.(\d+)\.")
 
 
+def _layer_of(name: str) -> int:
+    """The decoder layer index of a hooked linear's parameter name."""
+    m = _LAYER.match(name)
+    assert m is not None, name
+    return int(m.group(1))
+
+
 def read_calibration(path: Path, limit: int | None = None) -> list[Example]:
     """Prompt/response/image JSONL records (calibration or preserve data) as examples; the first ``limit``."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -95,8 +102,10 @@ class InMemoryTailor:
         sensitivity: str = "weight",
         guard: bool = True,
         salience: str = "magnitude",
+        compensation_from: int = 0,
     ) -> tuple[dict[str, torch.Tensor], dict]:
-        """Tailored weights of every hooked linear, and a summary (kept entries, reconstruction errors)."""
+        """Tailored weights of every hooked linear, and a summary (kept entries, reconstruction errors).
+        ``compensation_from``: the layers below it are not compensated, as in the pipeline."""
         out: dict[str, torch.Tensor] = {}
         kept = numel = 0
         err_masked = err_comp = 0.0
@@ -107,7 +116,7 @@ class InMemoryTailor:
                 self.hessians[name],
                 density=density,
                 alpha=alpha,
-                compensation=compensation,
+                compensation=compensation if _layer_of(name) >= compensation_from else "none",
                 sensitivity=sensitivity,
                 guard=guard,
                 salience=salience,

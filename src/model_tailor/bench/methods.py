@@ -43,6 +43,11 @@ MT_VARIANTS = {  # row name -> tailor() options; ablations at density 0.10 (docs
     # FAPM's base-relative salience (kernel.scoring.salience) with OBS compensation: FAPM's selection, which forgets
     # least on the all-layers pair, decorated as Model Tailor decorates its patch. A data-free default candidate.
     "mt_fapm_salience": {"alpha": 1.0, "compensation": "obs", "salience": "fapm"},
+    # Compensation only from layer 18 on (the main pair's tuned layers), plain selection below: on the all-layers
+    # pair the compensation brings the forgetting back (2026-12-05 runs); is it the early layers' compensation?
+    # On the main pair (layers 18-29 tuned) these equal mt_salience_only and mt_fapm_salience by construction.
+    "mt_salience_only_late": {"alpha": 1.0, "compensation": "obs", "compensation_from": 18},
+    "mt_fapm_salience_late": {"alpha": 1.0, "compensation": "obs", "salience": "fapm", "compensation_from": 18},
 }
 # Preserve-aware Model Tailor (docs/METHOD.md §14): params {structure, preserve, lambda}; preserve
 # is "user" (the bench-written original-ability JSONL, ``data.write_preserve``) or "self" (base-model answers
@@ -274,6 +279,7 @@ def tailor_fields(spec: MethodSpec, inputs: TailorInputs) -> dict:
         "guard": p.get("guard", True),
         "sensitivity": p.get("sensitivity", "weight"),
         "salience": p.get("salience", "magnitude"),
+        "compensation_from": p.get("compensation_from", 0),
     }
     if spec.method == PRESERVE_METHOD:
         if p["preserve"] == "user" and inputs.preserve_user is None:

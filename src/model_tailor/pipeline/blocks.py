@@ -126,34 +126,58 @@ class BlockRunner:
         mask, reference = self.keep_masks.pop(t.name, None), self.references.pop(t.name, None)
         return KernelInput(t.name, self.source.base.get(t.name), ft, t.transposed, mask, reference)
 
-    def _tailor_target(self, t: TargetParam, H: torch.Tensor | None, H_o: torch.Tensor | None = None) -> TensorRecord:
+    def _block_cfg(self, path: str) -> TailorConfig:
+        """The run's config for one block: no compensation in the layers below ``compensation_from``.
+
+        On a fine-tune that reaches early layers, compensating there brings the forgetting back (docs/METHOD.md
+        §8); the option lets the early layers take plain selection while the deep ones are decorated."""
+        if int(path.rsplit(".", 1)[1]) >= self.cfg.compensation_from:
+            return self.cfg
+        return self.cfg.model_copy(update={"compensation": "none"})
+
+    def _tailor_target(
+        self,
+        t: TargetParam,
+        H: torch.Tensor | None,
+        H_o: torch.Tensor | None = None,
+        cfg: TailorConfig | None = None,
+    ) -> TensorRecord:
+        cfg = self.cfg if cfg is None else cfg
         if H is None and not self.cfg.data_free:
             self._warn(
                 f"{t.name}: received no calibration tokens; tailored data-free (salience only, uncompensated, sparse)"
             )
         elif H_o is None and self.preserve is not None:
             self._warn(f"{t.name}: received no preserve tokens; tailored without the preserve term")
-        sv, stats = tailor_one(self._input(t), H, H_o, self.cfg, self.device)
+        sv, stats = tailor_one(self._input(t), H, H_o, cfg, self.device)
         self.source.tailored[t.name] = sv
         return stats
 
     def _tailor_group(
-        self, group: list[TargetParam], H: torch.Tensor | None, H_o: dict[str, torch.Tensor | None]
+        self,
+        group: list[TargetParam],
+        H: torch.Tensor | None,
+        H_o: dict[str, torch.Tensor | None],
+        cfg: TailorConfig,
     ) -> dict[str, TensorRecord]:
         """Targets sharing the input Hessian ``H``: one grouped kernel call where it covers the run
         (:func:`~model_tailor.pipeline.groups.can_group`), else one call per target."""
-        if not can_group(self.cfg, H, [t.transposed for t in group]):
-            return {t.name: self._tailor_target(t, H, H_o[t.name]) for t in group}
+        if not can_group(cfg, H, [t.transposed for t in group]):
+            return {t.name: self._tailor_target(t, H, H_o[t.name], cfg) for t in group}
         assert H is not None
         items = [self._input(t) for t in group]
         records = {}
-        for t, (sv, record) in zip(group, tailor_together(items, H, self.cfg, self.device), strict=True):
+        for t, (sv, record) in zip(group, tailor_together(items, H, cfg, self.device), strict=True):
             self.source.tailored[t.name] = sv
             records[t.name] = record
         return records
 
     def _tailor_units(
-        self, units: list[list[TargetParam]], t_stats: BlockHessians, H_o: dict[str, torch.Tensor | None]
+        self,
+        units: list[list[TargetParam]],
+        t_stats: BlockHessians,
+        H_o: dict[str, torch.Tensor | None],
+        cfg: TailorConfig,
     ) -> dict[str, TensorRecord]:
         """Each shared-input group on its owner rank (the costliest first onto the least loaded rank), then every
         rank takes every tailored tensor, record and warning, in the order of one process."""
@@ -166,7 +190,7 @@ class BlockRunner:
                     self.keep_masks.pop(t.name, None)
                 continue
             n_warnings = len(self.warnings)
-            records = self._tailor_group(unit, t_stats.hessian(unit[0].name), H_o)
+            records = self._tailor_group(unit, t_stats.hessian(unit[0].name), H_o, cfg)
             mine[i] = ({t.name: self.source.tailored[t.name] for t in unit}, records, self.warnings[n_warnings:])
             del self.warnings[n_warnings:]
         out: dict[str, TensorRecord] = {}
@@ -319,7 +343,8 @@ class BlockRunner:
                 H_o = {t.name: None if p_stats is None else p_stats.hessian(t.name) for t in targets}
                 by_name = {t.name: t for t in targets}
                 units = shared_input_groups(list(by_name), t_stats.groups)  # q/k/v, gate/up share one
-                records = self._tailor_units([[by_name[n] for n in names] for names in units], t_stats, H_o)
+                unit_targets = [[by_name[n] for n in names] for names in units]
+                records = self._tailor_units(unit_targets, t_stats, H_o, self._block_cfg(path))
                 layer.tensors.update((t.name, records[t.name]) for t in targets)
                 layer.seconds["tailor"] = time.perf_counter() - t0
                 self._pending = layer
