@@ -29,11 +29,10 @@ log = logging.getLogger(__name__)
 _LAYER = re.compile(r"^model\.language_model\.layers\.(\d+)\.")
 
 
-def _layer_of(name: str) -> int:
-    """The decoder layer index of a hooked linear's parameter name."""
+def _layer_of(name: str) -> int | None:
+    """The decoder layer index of a module or parameter name; None outside the decoder layers."""
     m = _LAYER.match(name)
-    assert m is not None, name
-    return int(m.group(1))
+    return None if m is None else int(m.group(1))
 
 
 def read_calibration(path: Path, limit: int | None = None) -> list[Example]:
@@ -58,8 +57,7 @@ class InMemoryTailor:
         mask_box: dict[str, torch.Tensor] = {}
         handles = []
         for name, module in model.named_modules():
-            m = _LAYER.match(name)
-            if isinstance(module, torch.nn.Linear) and m and int(m.group(1)) in inputs.tuned_layers:
+            if isinstance(module, torch.nn.Linear) and _layer_of(name) in inputs.tuned_layers:
                 acc = accs[f"{name}.weight"] = HessianAccumulator(module.in_features, name=f"{name}.weight")
 
                 def hook(_mod, args, _out, acc=acc):
@@ -110,13 +108,15 @@ class InMemoryTailor:
         kept = numel = 0
         err_masked = err_comp = 0.0
         for name in tqdm(sorted(self.hessians), desc=f"tailor {density:g}", unit="linear", leave=False):
+            layer = _layer_of(name)
+            assert layer is not None, name  # every hooked linear is in a decoder layer
             tw = tailor_weight(
                 base[name],
                 finetuned[name],
                 self.hessians[name],
                 density=density,
                 alpha=alpha,
-                compensation=compensation if _layer_of(name) >= compensation_from else "none",
+                compensation=compensation if layer >= compensation_from else "none",
                 sensitivity=sensitivity,
                 guard=guard,
                 salience=salience,

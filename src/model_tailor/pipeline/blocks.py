@@ -126,12 +126,12 @@ class BlockRunner:
         mask, reference = self.keep_masks.pop(t.name, None), self.references.pop(t.name, None)
         return KernelInput(t.name, self.source.base.get(t.name), ft, t.transposed, mask, reference)
 
-    def _block_cfg(self, path: str) -> TailorConfig:
-        """The run's config for one block: no compensation in the layers below ``compensation_from``.
+    def _block_cfg(self, idx: int) -> TailorConfig:
+        """The run's config for block ``idx`` of its list: no compensation in the layers below ``compensation_from``.
 
         On a fine-tune that reaches early layers, compensating there brings the forgetting back (docs/METHOD.md
         §8); the option lets the early layers take plain selection while the deep ones are decorated."""
-        if int(path.rsplit(".", 1)[1]) >= self.cfg.compensation_from:
+        if idx >= self.cfg.compensation_from:
             return self.cfg
         return self.cfg.model_copy(update={"compensation": "none"})
 
@@ -288,7 +288,9 @@ class BlockRunner:
         block = self.prep.model.get_submodule(path)
         fresh = bool(targets) and path not in self.layers
         try:
-            pstream = self._tailor_block(path, block, targets, fresh, streams, pstream, last_in_list)
+            pstream = self._tailor_block(
+                path, block, targets, fresh, streams, pstream, last_in_list, self._block_cfg(idx)
+            )
             if fresh or pstream is not None:
                 for t in targets:
                     self.mat.set_weight(t.module, "weight", self.source.get(t.name))
@@ -314,9 +316,11 @@ class BlockRunner:
         streams: list[Stream],
         pstream: Stream | None,
         last_in_list: bool,
+        cfg: TailorConfig,
     ) -> Stream | None:
-        """Hessians (and preserve Hessians) of the block's targets, then tailor them if ``fresh``; returns the
-        next preserve stream. The layer report goes to ``self._pending`` until the block is checkpointed."""
+        """Hessians (and preserve Hessians) of the block's targets, then tailor them under ``cfg`` (the block's
+        config, :meth:`_block_cfg`) if ``fresh``; returns the next preserve stream. The layer report goes to
+        ``self._pending`` until the block is checkpointed."""
         modules = {t.name: self.prep.model.get_submodule(t.module) for t in targets} if fresh else {}
         layer, t_stats, p_stats = LayerReport(path), None, None
         try:
@@ -343,8 +347,7 @@ class BlockRunner:
                 H_o = {t.name: None if p_stats is None else p_stats.hessian(t.name) for t in targets}
                 by_name = {t.name: t for t in targets}
                 units = shared_input_groups(list(by_name), t_stats.groups)  # q/k/v, gate/up share one
-                unit_targets = [[by_name[n] for n in names] for names in units]
-                records = self._tailor_units(unit_targets, t_stats, H_o, self._block_cfg(path))
+                records = self._tailor_units([[by_name[n] for n in names] for names in units], t_stats, H_o, cfg)
                 layer.tensors.update((t.name, records[t.name]) for t in targets)
                 layer.seconds["tailor"] = time.perf_counter() - t0
                 self._pending = layer
