@@ -85,6 +85,82 @@ def test_select_refuses_unknown_pairs_and_empty_selections():
         P.select(_full(), only=("fapm",), pairs=("lora_r16",))
 
 
+def _rows(extended=False, **kw):
+    listed = P.variant_rows(False, "pipeline", extended, BUILD)
+    picked = P.select(listed, **kw)
+    return [(s.pair, s.method, s.density, s.params.get("k") or s.params.get("structure")) for s in picked]
+
+
+def test_the_full_variant_runs_exactly_its_headline_rows():
+    assert _rows() == [
+        ("main", "pretrained", None, None),
+        ("main", "finetuned", None, None),
+        ("main", "model_tailor", 0.05, None),
+        ("main", "model_tailor", 0.1, None),
+        ("main", "mt_salience_only", 0.1, None),
+        ("main", M.PRESERVE_METHOD, 0.1, "lowrank"),  # preserve=user (checked below)
+        ("main", M.PRESERVE_METHOD, 0.1, "lowrank"),  # preserve=self
+        ("main", "magnitude", 0.1, None),
+        ("main", "ties", 0.1, None),
+        ("main", "fapm", 0.1, None),
+        ("main", "svd", 0.1, None),
+        ("main", "lines", None, None),
+        ("main", "revert_first_k", None, 6),
+        ("main", "lora_r16", None, None),
+        ("main", "lora_r64", None, None),
+        ("main", "rehearsal_0.25", None, None),
+        ("main", "rehearsal_0.50", None, None),
+        ("lora_r16", "lora_r16+mt", 0.1, None),
+        ("all_layers", "pretrained", None, None),
+        ("all_layers", "finetuned", None, None),
+        ("all_layers", "model_tailor", 0.05, None),
+        ("all_layers", "model_tailor", 0.1, None),
+        ("all_layers", "mt_salience_only_late", 0.1, None),
+        ("all_layers", M.PRESERVE_METHOD, 0.1, "lowrank"),
+        ("all_layers", "magnitude", 0.1, None),
+        ("all_layers", "fapm", 0.1, None),
+        ("all_layers", "lora_r16", None, None),
+    ]
+    picked = P.select(P.variant_rows(False, "pipeline", False, BUILD))
+    assert [s.params["preserve"] for s in picked if s.method == M.PRESERVE_METHOD] == ["user", "self", "user"]
+    # every headline names a row of the catalogue, and one only
+    catalogue = P.variant_specs(False, "pipeline", False, BUILD)
+    assert all(sum(h.matches(s) for s in catalogue) == 1 for h in P.HEADLINE)
+    # --extended is the whole catalogue (preserve ablations included); the quick variant is unchanged
+    assert P.variant_rows(False, "pipeline", True, BUILD) == P.variant_specs(False, "pipeline", True, BUILD)
+    assert P.variant_rows(True, "pipeline", False, BUILD) == M.method_specs(True, "pipeline")
+    # filters narrow the headline rows; the opt-in multitask pair stays reachable by name
+    assert _rows(only=("fapm",), pairs=("all_layers",)) == [
+        ("all_layers", "pretrained", None, None),
+        ("all_layers", "finetuned", None, None),
+        ("all_layers", "fapm", 0.1, None),
+    ]
+    assert {p for p, *_ in _rows(pairs=("multitask",))} == {"multitask"}
+    assert ("main", "dare", 0.1, None) in _rows(extended=True, only=("dare",))
+
+
+def test_headline_matches_on_pair_method_density_and_the_params_it_names():
+    h = P.Headline("main", "revert_first_k", None, (("k", 6),))
+    assert h.matches(M.MethodSpec("revert_first_k", None, {"k": 6}))
+    assert not h.matches(M.MethodSpec("revert_first_k", None, {"k": 3}))
+    assert not h.matches(M.MethodSpec("revert_first_k", None, {"k": 6}, pair="all_layers"))
+    d = P.Headline("main", "fapm", 0.10)
+    assert d.matches(M.MethodSpec("fapm", 0.1)) and d.matches(M.MethodSpec("fapm", 0.05 + 0.05))
+    assert not d.matches(M.MethodSpec("fapm", 0.05)) and not d.matches(M.MethodSpec("fapm"))
+
+
+def test_a_row_only_the_catalogue_has_points_to_extended(tmp_path):
+    from model_tailor.bench.runner import BenchConfig, _pick
+
+    with pytest.raises(ConfigError, match="--methods dare matches no row.*--extended lists it"):
+        _pick(BenchConfig(cache_dir=tmp_path, only=("dare",)))
+    with pytest.raises(ConfigError, match="matches no row") as err:
+        _pick(BenchConfig(cache_dir=tmp_path, only=("nothing_like_it",)))
+    assert "--extended" not in str(err.value)
+    assert [s.method for s in _pick(BenchConfig(cache_dir=tmp_path, extended=True, only=("dare",)))][-1] == "dare"
+    assert not (tmp_path / "tailorbench").exists()
+
+
 def test_cli_refuses_an_unknown_pair_in_one_line(tmp_path, capsys):
     from model_tailor.cli import main
 

@@ -30,7 +30,14 @@ from dataclasses import dataclass, replace
 from model_tailor.bench import multitask as MX
 from model_tailor.bench import peers
 from model_tailor.bench import retrain as R
-from model_tailor.bench.methods import MT_VARIANTS, MethodSpec, method_specs, preserve_spec, select_specs
+from model_tailor.bench.methods import (
+    MT_VARIANTS,
+    PRESERVE_METHOD,
+    MethodSpec,
+    method_specs,
+    preserve_spec,
+    select_specs,
+)
 from model_tailor.bench.models import BuildConfig
 from model_tailor.bench.results import Row
 from model_tailor.errors import ConfigError
@@ -144,13 +151,74 @@ def all_layers_specs(engine: str, build: BuildConfig) -> list[MethodSpec]:
 
 
 def variant_specs(quick: bool, engine: str, extended: bool, build: BuildConfig) -> list[MethodSpec]:
-    """Every row of the variant: ``methods.method_specs`` and, in the full variant, the retraining rows, the
-    LoRA pair, the all-layers pair and the (opt-in) multitask pair."""
+    """Every row the bench can run in a variant (its catalogue): ``methods.method_specs`` and, beyond the quick
+    variant, the retraining rows, the LoRA pair, the all-layers pair and the (opt-in) multitask pair. What a run
+    lists by default is :func:`variant_rows`."""
     rows = method_specs(quick, engine, extended)
     if quick:
         return rows
     rows = rows + retrain_specs(build) + lora_tailor_specs(build) + all_layers_specs(engine, build)
     return rows + MX.multitask_specs(engine, mergekit=peers.mergekit_version() if peers.is_available() else None)
+
+
+@dataclass(frozen=True)
+class Headline:
+    """One headline row of the full variant: its pair, method and density (None: a dense row), and the params it
+    must carry (a subset of the row's; the rest, such as the engine, may be anything)."""
+
+    pair: str
+    method: str
+    density: float | None = None
+    params: tuple[tuple[str, object], ...] = ()
+
+    def matches(self, spec: MethodSpec) -> bool:
+        if (spec.pair, spec.method) != (self.pair, self.method):
+            return False
+        if (spec.density is None) != (self.density is None):
+            return False
+        if spec.density is not None and not math.isclose(spec.density, self.density):
+            return False
+        return all(spec.params.get(k) == v for k, v in self.params)
+
+
+_USER_LOWRANK = (("preserve", "user"), ("structure", "lowrank"))
+# The full variant's default rows: what the README's headline tables show, the anchors a user would compare
+# against (issue 12) and the data-free default candidates measured on both pairs (issue 13). Every other row of
+# the catalogue is an ablation or a grid point, run with ``--extended``. One evaluation costs ~4 min on a 2-core
+# CPU, so each row here is a choice: revert_first_k runs at k = 6 only (half the main pair's 12 tuned layers).
+HEADLINE: tuple[Headline, ...] = (
+    Headline(MAIN, "model_tailor", 0.05),
+    Headline(MAIN, "model_tailor", 0.10),
+    Headline(MAIN, "mt_salience_only", 0.10),
+    Headline(MAIN, PRESERVE_METHOD, 0.10, _USER_LOWRANK),
+    Headline(MAIN, PRESERVE_METHOD, 0.10, (("preserve", "self"), ("structure", "lowrank"))),
+    *(Headline(MAIN, m, 0.10) for m in ("magnitude", "fapm", "ties", "svd")),
+    Headline(MAIN, "lines"),
+    Headline(MAIN, "revert_first_k", None, (("k", 6),)),
+    *(Headline(MAIN, R.lora_method(r)) for r in LORA_RANKS),
+    *(Headline(MAIN, R.rehearsal_method(s)) for s in REHEARSAL_SHARES),
+    Headline(R.lora_method(LORA_TAILOR_RANK), R.lora_method(LORA_TAILOR_RANK) + "+mt", 0.10),
+    *(Headline("all_layers", "model_tailor", d) for d in ALL_LAYERS_DENSITIES),
+    Headline("all_layers", "mt_salience_only_late", 0.10),
+    Headline("all_layers", PRESERVE_METHOD, 0.10, _USER_LOWRANK),
+    *(Headline("all_layers", m, 0.10) for m in ALL_LAYERS_BASELINES),
+    Headline("all_layers", R.lora_method(LORA_TAILOR_RANK)),
+)
+
+
+def is_headline(spec: MethodSpec) -> bool:
+    """A row the full variant lists by default: a pair's anchor, a :data:`HEADLINE` row, or a row of an opt-in
+    pair (run only when ``--pairs`` names it, so it never lengthens the default run)."""
+    pair = PAIRS[spec.pair]
+    return spec.method in anchor_methods(spec.pair) or pair.opt_in or any(h.matches(spec) for h in HEADLINE)
+
+
+def variant_rows(quick: bool, engine: str, extended: bool, build: BuildConfig) -> list[MethodSpec]:
+    """The rows a run picks from (``--methods``, ``--pairs`` and ``--densities`` narrow them): the quick
+    variant's, the full variant's headline rows (:func:`is_headline`), or with ``extended`` the whole catalogue
+    (:func:`variant_specs`, preserve ablations included)."""
+    rows = variant_specs(quick, engine, extended, build)
+    return rows if quick or extended else [s for s in rows if is_headline(s)]
 
 
 def _needed(pair: str) -> set[tuple[str, str]]:

@@ -76,6 +76,10 @@ def rehearsal_method(share: float) -> str:
     return f"{REHEARSAL_PREFIX}{share:.2f}"
 
 
+def lora_method(rank: int) -> str:
+    return f"lora_r{rank}"
+
+
 @dataclass(frozen=True)
 class LoraSettings:
     """One LoRA fine-tune: rank, ``lora_alpha``, the LoRA and projector learning rates, dropout, and how the
@@ -94,7 +98,7 @@ class LoraSettings:
 
     @property
     def method(self) -> str:
-        return f"lora_r{self.rank}"
+        return lora_method(self.rank)
 
     def params(self) -> dict:
         return asdict(self)

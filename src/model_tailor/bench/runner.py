@@ -42,6 +42,7 @@ from model_tailor.bench.models import BuildConfig, BuiltModels, build_models, lo
 from model_tailor.bench.probe import drift_task
 from model_tailor.bench.results import BenchResult, Row
 from model_tailor.bench.tasks import ORIGINAL_TASKS, SECOND_TASK, EvalConfig, Task, build_tasks, split_capitals
+from model_tailor.errors import ConfigError
 from model_tailor.io.atomic import atomic_write_text
 from model_tailor.io.checkpoint import CheckpointReader
 from model_tailor.pipeline.architectures import checkpoint_names
@@ -69,7 +70,7 @@ class BenchConfig:
     only: tuple[str, ...] = ()  # method-name globs (``--methods``); empty = every row of the variant
     pairs: tuple[str, ...] = ()  # ``--pairs`` (bench.pairs); empty = the main pair and every pair with a row
     densities: tuple[float, ...] = ()  # ``--densities``: only rows at these densities (dense rows stay)
-    extended: bool = False  # full variant plus the preserve ablations (``--extended``; methods.preserve_specs)
+    extended: bool = False  # every row of the catalogue, not the full variant's headline rows (``--extended``)
     resamples: int = 2000  # bootstrap resamples of the test items (``--resamples``)
     bootstrap_seed: int = 0
 
@@ -416,14 +417,29 @@ def _build_rows(s: _Session, specs: list[M.MethodSpec]) -> tuple[list[Row], dict
     return rows, meta | ({"second_task": second} if second is not None else {})
 
 
+def _pick(cfg: BenchConfig) -> list[M.MethodSpec]:
+    """The rows to run: the variant's (``pairs.variant_rows``) narrowed by ``--methods/--pairs/--densities``.
+    A selection that only the whole catalogue has says so: ``--extended`` is what lists it."""
+    listed = P.variant_rows(cfg.quick, cfg.engine, cfg.extended, cfg.build)
+    try:
+        return P.select(listed, cfg.only, cfg.pairs, cfg.densities)
+    except ConfigError as exc:
+        if cfg.quick or cfg.extended:
+            raise
+        try:
+            P.select(P.variant_specs(False, cfg.engine, True, cfg.build), cfg.only, cfg.pairs, cfg.densities)
+        except ConfigError:
+            raise exc from None
+        raise ConfigError(f"{exc}; --extended lists it (the full variant runs its headline rows only)") from None
+
+
 def run_bench(cfg: BenchConfig) -> BenchResult:
     """Run the benchmark and return its rows (nothing is written here; see ``report.write_outputs``).
 
     One build at a time (its models loaded, then released): the main build's pairs, then the all-layers one's.
     """
     t_start = time.perf_counter()
-    listed = P.variant_specs(cfg.quick, cfg.engine, cfg.extended, cfg.build)
-    specs = P.select(listed, cfg.only, cfg.pairs, cfg.densities)
+    specs = _pick(cfg)
     rows: list[Row] = []
     files: dict[str, dict] = {}
     builds: dict[str, dict] = {}

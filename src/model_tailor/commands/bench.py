@@ -1,7 +1,8 @@
 """`model-tailor bench`: run TailorBench and write results.json, results.md, pareto.png and items/.
 
 The quick variant (``make demo``) uses the same cached models as the full one; it only evaluates fewer
-test items and fewer methods. The table is printed on stdout (the only place the bench prints).
+test items and fewer methods. The full variant runs its headline rows (``bench.pairs.HEADLINE``); ``--extended``
+runs every row of the catalogue. The table is printed on stdout (the only place the bench prints).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--extended",
         action="store_true",
-        help="full variant plus the preserve ablations (lambda grid, salience source, self dense, ...)",
+        help="every row the bench has (ablations, density grids, every baseline, the preserve ablations) instead of "
+        "the full variant's headline rows",
     )
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument(
@@ -88,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     if args.resamples < 1:
         raise ConfigError(f"--resamples must be >= 1, got {args.resamples}")
     if args.quick and args.extended:
-        raise ConfigError("--extended adds rows to the full variant; drop --quick or --extended")
+        raise ConfigError("--extended lists every row of the full-size bench; drop --quick or --extended")
     cfg = BenchConfig(
         quick=args.quick,
         extended=args.extended,
