@@ -96,7 +96,8 @@ def preserve_specs(quick: bool, engine: str, extended: bool = False) -> list[Met
     the full variant only). Full: the frontier (sparse 0.05/0.10/0.20/dense, ``lowrank`` 0.05/0.10,
     ``sparse+lowrank`` 0.10, ``self`` 0.10) and the data-free candidates ``self`` low-rank 0.05/0.10.
     ``extended`` adds the ablations measured once to choose the defaults: sparse 0.01, the lambda grid
-    {0.3, 3} around the default 1, ``sparse+lowrank`` 0.05, ``self`` dense, ``salience_from="target"``."""
+    {0.3, 3} around the default 1, ``sparse+lowrank`` 0.05, ``self`` dense, ``salience_from="target"``, and
+    ``self`` low-rank 0.10 at lambda 3 and ``self`` ``sparse+lowrank`` 0.10."""
     if engine != "pipeline":
         return []  # the in-memory fallback engine has no preserve stream
     if quick:
@@ -111,6 +112,9 @@ def preserve_specs(quick: bool, engine: str, extended: bool = False) -> list[Met
         rows += [preserve_spec(0.10, engine, lam=lam) for lam in (0.3, 3.0)]
         rows += [preserve_spec(0.05, engine, structure="sparse+lowrank"), preserve_spec(1.0, engine, preserve="self")]
         rows += [preserve_spec(0.10, engine, salience_from="target")]
+        # the data-free low-rank candidate with more weight on its self data, and with a sparse part beside it
+        rows += [preserve_spec(0.10, engine, structure="lowrank", preserve="self", lam=3.0)]
+        rows += [preserve_spec(0.10, engine, structure="sparse+lowrank", preserve="self")]
     return rows
 
 
