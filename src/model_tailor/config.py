@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ from model_tailor.options import (
     default_cache_dir,
 )
 
-__all__ = ["PRESETS", "TailorConfig", "format_validation_error"]
+__all__ = ["PRESETS", "TailorConfig", "first_compensated", "format_validation_error"]
 
 # lambda of the preserve-aware objective; 0.3-1 worked at density 0.1 in the first measurements. One constant,
 # so the default moves in one place once the bench grid settles it.
@@ -70,8 +71,17 @@ PRESETS: dict[str, dict[str, Any]] = {
         "salience_from": "delta",
         "salience": "magnitude",
         "compensation_from": 0,
+        "compensation_depth": 1.0,
     },
 }
+
+
+def first_compensated(length: int, compensation_from: int = 0, compensation_depth: float = 1.0) -> int:
+    """Index of the first compensated block of a block list of ``length`` blocks: the later of
+    ``compensation_from`` and the start of its deepest ``ceil(compensation_depth * length)`` blocks (at least one).
+    The product is rounded to 9 digits first, so 0.4 x 30 is 12 blocks, not 13."""
+    deep = max(1, math.ceil(round(compensation_depth * length, 9)))
+    return max(compensation_from, length - deep)
 
 
 class TailorConfig(BaseModel):
@@ -190,6 +200,14 @@ class TailorConfig(BaseModel):
         ge=0,
         description="layer index (counted in each block list) where compensation starts; the layers before it keep "
         "their kept entries at the fine-tuned values (plain selection, as with compensation=none)",
+    )
+    compensation_depth: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="fraction of each block list's layers, the deepest ones, that are compensated (ceil(depth x "
+        "layers) of them, at least one); the shallower ones keep their kept entries at the fine-tuned values. 1: "
+        "every layer. With compensation_from, a layer is compensated only where both allow it",
     )
     cache_dir: Path = Field(
         default_factory=default_cache_dir,

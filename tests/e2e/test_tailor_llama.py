@@ -156,3 +156,20 @@ def test_llama_compensation_from_leaves_early_layers_plain(pico):
             assert torch.equal(tp.indices, other.indices) and torch.equal(tp.values, other.values), name
         else:
             assert not torch.equal(tp.values, other.values), name
+
+
+def test_llama_compensation_depth_is_compensation_from_counted_from_the_last_layer(pico):
+    """``compensation_depth: (L - 2) / L`` compensates the deepest L - 2 of the L layers, so it starts at layer 2,
+    as ``compensation_from: 2`` does: the same patch, bit for bit; and the report says which blocks were plain."""
+    import json
+
+    from model_tailor.api import tailor
+
+    pair = pico("llama")
+    layers = json.loads((pair.base / "config.json").read_text())["num_hidden_layers"]
+    common = dict(density=0.25, samples=4, granularity="tensor")
+    by_index = tailor(pair.base, pair.finetuned, pair.calibration, compensation_from=2, **common)
+    by_depth = tailor(pair.base, pair.finetuned, pair.calibration, compensation_depth=(layers - 2) / layers, **common)
+    assert by_depth.patch.equal(by_index.patch)
+    compensation = {layer.block: {s.compensation for s in layer.tensors.values()} for layer in by_depth.report.layers}
+    assert compensation["model.layers.1"] == {"none"} and compensation["model.layers.2"] == {"obs"}

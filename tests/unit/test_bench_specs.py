@@ -114,6 +114,7 @@ def test_every_engine_gets_each_ablation_own_options():
         "sensitivity": "weight",
         "salience": "magnitude",
         "compensation_from": 0,
+        "compensation_depth": 1.0,
     }
     assert fields["model_tailor"] == plain
     assert fields["mt_revert_sensitivity"]["sensitivity"] == "revert"
@@ -124,11 +125,14 @@ def test_every_engine_gets_each_ablation_own_options():
         "sensitivity": "weight",
         "salience": "magnitude",
         "compensation_from": 0,
+        "compensation_depth": 1.0,
     }
     assert fields["mt_salience_only"]["alpha"] == 1.0 and fields["mt_sensitivity_only"]["alpha"] == 0.0
     assert fields["mt_fapm_salience"] == {**plain, "alpha": 1.0, "salience": "fapm"}
     assert fields["mt_salience_only_late"] == {**plain, "alpha": 1.0, "compensation_from": 18}
     assert fields["mt_fapm_salience_late"] == {**plain, "alpha": 1.0, "salience": "fapm", "compensation_from": 18}
+    assert fields["mt_salience_only_deep25"] == {**plain, "alpha": 1.0, "compensation_depth": 0.25}
+    assert fields["mt_salience_only_deep50"] == {**plain, "alpha": 1.0, "compensation_depth": 0.5}
     # the in-memory engine takes every one of those options by name (it gets them as ``**fields``)
     from model_tailor.bench.inmemory import InMemoryTailor
 

@@ -35,6 +35,8 @@ def test_defaults_are_the_corrected_behaviour():
         ("device", "tpu", "device"),
         ("device", "cpu:1", "device"),
         ("compensation_from", -1, "compensation_from"),
+        ("compensation_depth", 0, "compensation_depth"),
+        ("compensation_depth", 1.5, "compensation_depth"),
         ("desnity", 0.1, "desnity: unknown option"),
     ],
 )
@@ -134,3 +136,22 @@ def test_options_import_nothing_heavy():
     code = "import sys, model_tailor.options; print(sorted({'torch', 'pydantic', 'transformers'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("length", "start", "depth", "first"),
+    [
+        (30, 0, 1.0, 0),  # every layer
+        (30, 0, 0.4, 18),  # 0.4 x 30 is 12 layers, not 13 (the float product is 12.000000000000002)
+        (30, 0, 0.25, 22),  # ceil(7.5) = 8 layers: 22..29
+        (30, 0, 0.5, 15),
+        (30, 20, 0.5, 20),  # compensation_from is later: it wins
+        (30, 10, 0.5, 15),  # depth is later: it wins
+        (4, 0, 0.01, 3),  # at least one layer
+        (1, 0, 0.5, 0),
+    ],
+)
+def test_first_compensated_layer(length, start, depth, first):
+    from model_tailor.config import first_compensated
+
+    assert first_compensated(length, start, depth) == first

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from model_tailor.bench.data import Example, PixelCache, collate_train
 from model_tailor.bench.models import load_model
+from model_tailor.config import first_compensated
 from model_tailor.kernel.hessian import HessianAccumulator
 from model_tailor.kernel.tailor import tailor_weight
 
@@ -47,6 +48,7 @@ def read_calibration(path: Path, limit: int | None = None) -> list[Example]:
 class InMemoryTailor:
     hessians: dict[str, torch.Tensor]  # weight name -> (cols, cols) fp32
     seconds: float
+    layers: int  # decoder layers of the model (compensation_depth counts from its last)
 
     @classmethod
     def collect(cls, inputs: object, batch_size: int = 8) -> InMemoryTailor:
@@ -87,7 +89,7 @@ class InMemoryTailor:
         hessians = {n: a.hessian.clone() for n, a in accs.items()}
         seconds = time.perf_counter() - t0
         log.info("in-memory calibration: %d linears, %.1f s", len(hessians), seconds)
-        return cls(hessians, seconds)
+        return cls(hessians, seconds, model.config.text_config.num_hidden_layers)
 
     def tailor(
         self,
@@ -101,9 +103,12 @@ class InMemoryTailor:
         guard: bool = True,
         salience: str = "magnitude",
         compensation_from: int = 0,
+        compensation_depth: float = 1.0,
     ) -> tuple[dict[str, torch.Tensor], dict]:
         """Tailored weights of every hooked linear, and a summary (kept entries, reconstruction errors).
-        ``compensation_from``: the layers below it are not compensated, as in the pipeline."""
+        ``compensation_from``, ``compensation_depth``: the layers before ``config.first_compensated`` of the
+        decoder's ``self.layers`` are not compensated, as in the pipeline."""
+        first = first_compensated(self.layers, compensation_from, compensation_depth)
         out: dict[str, torch.Tensor] = {}
         kept = numel = 0
         err_masked = err_comp = 0.0
@@ -116,7 +121,7 @@ class InMemoryTailor:
                 self.hessians[name],
                 density=density,
                 alpha=alpha,
-                compensation=compensation if layer >= compensation_from else "none",
+                compensation=compensation if layer >= first else "none",
                 sensitivity=sensitivity,
                 guard=guard,
                 salience=salience,

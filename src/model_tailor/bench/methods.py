@@ -48,6 +48,12 @@ MT_VARIANTS = {  # row name -> tailor() options; ablations at density 0.10 (docs
     # On the main pair (layers 18-29 tuned) these equal mt_salience_only and mt_fapm_salience by construction.
     "mt_salience_only_late": {"alpha": 1.0, "compensation": "obs", "compensation_from": 18},
     "mt_fapm_salience_late": {"alpha": 1.0, "compensation": "obs", "salience": "fapm", "compensation_from": 18},
+    # The same as a rule of depth, not a bench layer index (``compensation_depth``): compensate the deepest quarter
+    # or half of the decoder's 30 layers (from layer 22, from layer 15). With the 0.4 of mt_salience_only_late
+    # (from 18) they sweep how deep the compensation may reach. On the main pair (layers 18-29 tuned) the half
+    # equals mt_salience_only; the quarter leaves layers 18-21 plain.
+    "mt_salience_only_deep25": {"alpha": 1.0, "compensation": "obs", "compensation_depth": 0.25},
+    "mt_salience_only_deep50": {"alpha": 1.0, "compensation": "obs", "compensation_depth": 0.5},
 }
 # Preserve-aware Model Tailor (docs/METHOD.md §14): params {structure, preserve, lambda}; preserve
 # is "user" (the bench-written original-ability JSONL, ``data.write_preserve``) or "self" (base-model answers
@@ -284,6 +290,7 @@ def tailor_fields(spec: MethodSpec, inputs: TailorInputs) -> dict:
         "sensitivity": p.get("sensitivity", "weight"),
         "salience": p.get("salience", "magnitude"),
         "compensation_from": p.get("compensation_from", 0),
+        "compensation_depth": p.get("compensation_depth", 1.0),
     }
     if spec.method == PRESERVE_METHOD:
         if p["preserve"] == "user" and inputs.preserve_user is None:

@@ -58,7 +58,14 @@ ALL_LAYERS_PRESERVE = (
 )
 ALL_LAYERS_BASELINES = ("magnitude", "fapm")
 # Model Tailor variants at 0.10 on this pair too: the data-free default candidates must be measured on both pairs.
-ALL_LAYERS_VARIANTS = ("mt_salience_only", "mt_fapm_salience", "mt_salience_only_late", "mt_fapm_salience_late")
+ALL_LAYERS_VARIANTS = (
+    "mt_salience_only",
+    "mt_fapm_salience",
+    "mt_salience_only_late",
+    "mt_fapm_salience_late",
+    "mt_salience_only_deep25",
+    "mt_salience_only_deep50",
+)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import torch
 
 from model_tailor.calibration.capture import replace_hidden, run_block
 from model_tailor.calibration.data import CalibrationSet
-from model_tailor.config import TailorConfig
+from model_tailor.config import TailorConfig, first_compensated
 from model_tailor.errors import ConfigError
 from model_tailor.io.checkpoint import CheckpointReader
 from model_tailor.kernel.masking import select_keep_masks_global
@@ -126,12 +126,14 @@ class BlockRunner:
         mask, reference = self.keep_masks.pop(t.name, None), self.references.pop(t.name, None)
         return KernelInput(t.name, self.source.base.get(t.name), ft, t.transposed, mask, reference)
 
-    def _block_cfg(self, idx: int) -> TailorConfig:
-        """The run's config for block ``idx`` of its list: no compensation in the layers below ``compensation_from``.
+    def _block_cfg(self, list_path: str, idx: int) -> TailorConfig:
+        """The run's config for block ``idx`` of the list at ``list_path``: no compensation in the layers before
+        :func:`~model_tailor.config.first_compensated` (``compensation_from``, ``compensation_depth``).
 
         On a fine-tune that reaches early layers, compensating there brings the forgetting back (docs/METHOD.md
-        §8); the option lets the early layers take plain selection while the deep ones are decorated."""
-        if idx >= self.cfg.compensation_from:
+        §8); the options let the early layers take plain selection while the deep ones are decorated."""
+        length = next(bl.length for bl in self.prep.layout.block_lists if bl.path == list_path)
+        if idx >= first_compensated(length, self.cfg.compensation_from, self.cfg.compensation_depth):
             return self.cfg
         return self.cfg.model_copy(update={"compensation": "none"})
 
@@ -289,7 +291,7 @@ class BlockRunner:
         fresh = bool(targets) and path not in self.layers
         try:
             pstream = self._tailor_block(
-                path, block, targets, fresh, streams, pstream, last_in_list, self._block_cfg(idx)
+                path, block, targets, fresh, streams, pstream, last_in_list, self._block_cfg(list_path, idx)
             )
             if fresh or pstream is not None:
                 for t in targets:
