@@ -47,8 +47,8 @@ DEFAULT_PRESERVE_WEIGHT = 1.0
 
 # Named partial configs, applied before explicit values (a YAML key or a flag wins over its preset). Values are
 # written out, never read from the defaults: "paper" is Model Tailor as the paper describes it (docs/METHOD.md
-# §2-§9, with the corrections of §16), today equal to the defaults of these fields
-# (tests/unit/test_config_preset.py pins both), and it stays so when the defaults change.
+# §2-§9, with the corrections of §16); tests/unit/test_config_preset.py pins it, and it stays so when the defaults
+# change.
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {
         "density": 0.1,
