@@ -117,12 +117,14 @@ def test_the_full_variant_runs_exactly_its_headline_rows():
         ("all_layers", "model_tailor", 0.1, None),
         ("all_layers", "mt_salience_only_late", 0.1, None),
         ("all_layers", M.PRESERVE_METHOD, 0.1, "lowrank"),
+        ("all_layers", M.PRESERVE_METHOD, 0.1, "lowrank"),
         ("all_layers", "magnitude", 0.1, None),
         ("all_layers", "fapm", 0.1, None),
         ("all_layers", "lora_r16", None, None),
     ]
     picked = P.select(P.variant_rows(False, "pipeline", False, BUILD))
-    assert [s.params["preserve"] for s in picked if s.method == M.PRESERVE_METHOD] == ["user", "self", "user"]
+    preserve = [(s.params["preserve"], s.params["lambda"]) for s in picked if s.method == M.PRESERVE_METHOD]
+    assert preserve == [("user", 1.0), ("self", 3.0), ("user", 1.0), ("self", 3.0)]
     # every headline names a row of the catalogue, and one only
     catalogue = P.variant_specs(False, "pipeline", False, BUILD)
     assert all(sum(h.matches(s) for s in catalogue) == 1 for h in P.HEADLINE)

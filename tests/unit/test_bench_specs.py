@@ -73,6 +73,7 @@ def test_extended_adds_only_the_preserve_ablations_to_the_full_variant():
         (0.10, "sparse", "self", 1.0, "delta"),
         (0.05, "lowrank", "self", 1.0, "delta"),
         (0.10, "lowrank", "self", 1.0, "delta"),
+        (0.10, "lowrank", "self", 3.0, "delta"),
     }
     assert _preserve_rows(full) == frontier
     ablations = {
@@ -82,7 +83,6 @@ def test_extended_adds_only_the_preserve_ablations_to_the_full_variant():
         (0.05, "sparse+lowrank", "user", 1.0, "delta"),
         (1.0, "sparse", "self", 1.0, "delta"),
         (0.10, "sparse", "user", 1.0, "target"),
-        (0.10, "lowrank", "self", 3.0, "delta"),
         (0.10, "sparse+lowrank", "self", 1.0, "delta"),
     }
     assert _preserve_rows(extended) == frontier | ablations

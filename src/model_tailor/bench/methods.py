@@ -100,10 +100,11 @@ def preserve_spec(
 def preserve_specs(quick: bool, engine: str, extended: bool = False) -> list[MethodSpec]:
     """Quick: two rows (user data, sparse 0.10 and dense; ``self`` costs ~60 s more of generation, so it is in
     the full variant only). Full: the frontier (sparse 0.05/0.10/0.20/dense, ``lowrank`` 0.05/0.10,
-    ``sparse+lowrank`` 0.10, ``self`` 0.10) and the data-free candidates ``self`` low-rank 0.05/0.10.
+    ``sparse+lowrank`` 0.10, ``self`` 0.10) and the data-free candidates ``self`` low-rank 0.05/0.10 and 0.10 at
+    lambda 3.
     ``extended`` adds the ablations measured once to choose the defaults: sparse 0.01, the lambda grid
     {0.3, 3} around the default 1, ``sparse+lowrank`` 0.05, ``self`` dense, ``salience_from="target"``, and
-    ``self`` low-rank 0.10 at lambda 3 and ``self`` ``sparse+lowrank`` 0.10."""
+    ``self`` ``sparse+lowrank`` 0.10."""
     if engine != "pipeline":
         return []  # the in-memory fallback engine has no preserve stream
     if quick:
@@ -113,13 +114,13 @@ def preserve_specs(quick: bool, engine: str, extended: bool = False) -> list[Met
     rows += [preserve_spec(0.10, engine, structure="sparse+lowrank"), preserve_spec(0.10, engine, preserve="self")]
     # the data-free candidates for the default (issue: the best tailoring without user data): self data, low rank
     rows += [preserve_spec(d, engine, structure="lowrank", preserve="self") for d in (0.05, 0.10)]
+    rows += [preserve_spec(0.10, engine, structure="lowrank", preserve="self", lam=3.0)]  # best of them, 2026-12-07
     if extended:
         rows += [preserve_spec(0.01, engine)]
         rows += [preserve_spec(0.10, engine, lam=lam) for lam in (0.3, 3.0)]
         rows += [preserve_spec(0.05, engine, structure="sparse+lowrank"), preserve_spec(1.0, engine, preserve="self")]
         rows += [preserve_spec(0.10, engine, salience_from="target")]
-        # the data-free low-rank candidate with more weight on its self data, and with a sparse part beside it
-        rows += [preserve_spec(0.10, engine, structure="lowrank", preserve="self", lam=3.0)]
+        # the data-free low-rank candidate with a sparse part beside it
         rows += [preserve_spec(0.10, engine, structure="sparse+lowrank", preserve="self")]
     return rows
 

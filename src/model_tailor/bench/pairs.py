@@ -49,12 +49,15 @@ REHEARSAL_SHARES = (0.25, 0.50)
 LORA_TAILOR_RANK = 16
 LORA_TAILOR_DENSITIES = (0.05, 0.10)
 ALL_LAYERS_DENSITIES = (0.05, 0.10)
-# (density, structure, preserve): the default preserve row, the two best of the main pair and the data-free one
+# (density, structure, preserve, lambda; None = the library default): the default preserve row, the two best of the
+# main pair, the data-free one, and the data-free one at lambda 3 (the best data-free row of the main pair,
+# 2026-12-07)
 ALL_LAYERS_PRESERVE = (
-    (0.10, "sparse", "user"),
-    (0.10, "lowrank", "user"),
-    (1.0, "sparse", "user"),
-    (0.10, "lowrank", "self"),
+    (0.10, "sparse", "user", None),
+    (0.10, "lowrank", "user", None),
+    (1.0, "sparse", "user", None),
+    (0.10, "lowrank", "self", None),
+    (0.10, "lowrank", "self", 3.0),
 )
 ALL_LAYERS_BASELINES = ("magnitude", "fapm")
 # Model Tailor variants at 0.10 on this pair too: the data-free default candidates must be measured on both pairs.
@@ -151,7 +154,8 @@ def all_layers_specs(engine: str, build: BuildConfig) -> list[MethodSpec]:
     rows += [MethodSpec(m, 0.10, {**MT_VARIANTS[m], "engine": engine}, pair) for m in ALL_LAYERS_VARIANTS]
     if engine == "pipeline":  # the in-memory engine has no preserve stream
         rows += [
-            replace(preserve_spec(d, engine, structure=st, preserve=pr), pair=pair) for d, st, pr in ALL_LAYERS_PRESERVE
+            replace(preserve_spec(d, engine, structure=st, preserve=pr, lam=lam), pair=pair)
+            for d, st, pr, lam in ALL_LAYERS_PRESERVE
         ]
     rows += [MethodSpec(m, d, pair=pair) for m in ALL_LAYERS_BASELINES for d in ALL_LAYERS_DENSITIES]
     return rows + [lora_spec(build.all_layers(), LORA_TAILOR_RANK, pair)]
@@ -189,6 +193,7 @@ class Headline:
 
 
 _USER_LOWRANK = (("preserve", "user"), ("structure", "lowrank"))
+_SELF_LOWRANK_3 = (("preserve", "self"), ("structure", "lowrank"), ("lambda", 3.0))  # best data-free, 2026-12-07
 # The full variant's default rows: what the README's headline tables show, the anchors a user would compare
 # against (issue 12) and the data-free default candidates measured on both pairs (issue 13). Every other row of
 # the catalogue is an ablation or a grid point, run with ``--extended``. One evaluation costs ~4 min on a 2-core
@@ -198,7 +203,7 @@ HEADLINE: tuple[Headline, ...] = (
     Headline(MAIN, "model_tailor", 0.10),
     Headline(MAIN, "mt_salience_only", 0.10),
     Headline(MAIN, PRESERVE_METHOD, 0.10, _USER_LOWRANK),
-    Headline(MAIN, PRESERVE_METHOD, 0.10, (("preserve", "self"), ("structure", "lowrank"))),
+    Headline(MAIN, PRESERVE_METHOD, 0.10, _SELF_LOWRANK_3),
     *(Headline(MAIN, m, 0.10) for m in ("magnitude", "fapm", "ties", "svd")),
     Headline(MAIN, "lines"),
     Headline(MAIN, "revert_first_k", None, (("k", 6),)),
@@ -208,6 +213,7 @@ HEADLINE: tuple[Headline, ...] = (
     *(Headline("all_layers", "model_tailor", d) for d in ALL_LAYERS_DENSITIES),
     Headline("all_layers", "mt_salience_only_late", 0.10),
     Headline("all_layers", PRESERVE_METHOD, 0.10, _USER_LOWRANK),
+    Headline("all_layers", PRESERVE_METHOD, 0.10, _SELF_LOWRANK_3),
     *(Headline("all_layers", m, 0.10) for m in ALL_LAYERS_BASELINES),
     Headline("all_layers", R.lora_method(LORA_TAILOR_RANK)),
 )
