@@ -109,6 +109,7 @@ def test_bench_smoke(tmp_path, monkeypatch):
             eval=cfg.eval,
             only=("magnitude", "ties"),
             pairs=("main",),
+            extended=True,  # every density: the full variant's headline has magnitude and TIES at 0.10 only
         )
     )
     by_label = {(r.method, r.density): r for r in dedup.rows}
@@ -136,6 +137,7 @@ def test_bench_smoke(tmp_path, monkeypatch):
             only=("fapm", "svd", "lines", "revert_first_k", "model_tailor"),
             pairs=("main",),  # the all-layers pair's rows are checked in _check_pairs_and_retraining
             resamples=500,
+            extended=True,  # revert_first_k at the patched k = 2 (the headline row is k = 6)
         )
     )
     got = {(r.method, r.density): r for r in posthoc.rows}
@@ -153,12 +155,18 @@ def test_bench_smoke(tmp_path, monkeypatch):
     if not peers.is_available():
         assert data["meta"]["notes"] == ['peers not run: mergekit is not installed (pip install -e ".[peers]")']
         return
-    assert data["meta"]["notes"] == ["peers not run: the mergekit rows are in the full variant only"]
+    assert data["meta"]["notes"] == ["peers not run: the mergekit rows run with --extended"]
     # one row per method keeps this at a few seconds; the merges' maths is checked in tests/unit/test_bench_peers.py
     monkeypatch.setattr(methods, "PEER_GRID", {"ties": (0.1,), "dare_ties": (0.1,), "task_arithmetic": (0.5,)})
     full = run_bench(
         BenchConfig(
-            quick=False, cache_dir=cfg.cache_dir, engine=cfg.engine, build=cfg.build, eval=cfg.eval, only=("mergekit*",)
+            quick=False,
+            extended=True,  # the mergekit rows are not headline rows
+            cache_dir=cfg.cache_dir,
+            engine=cfg.engine,
+            build=cfg.build,
+            eval=cfg.eval,
+            only=("mergekit*",),
         )
     )
     assert [(r.method, r.density, r.cached) for r in full.rows] == [

@@ -46,7 +46,7 @@ def test_with_mergekit_full_variant_lists_the_peer_grid(monkeypatch):
     assert peer_notes(False, M.select_specs(full, ("magnitude",))) == []  # left out by --methods: no note
     quick = M.method_specs(True, "pipeline")
     assert not [s for s in quick if M.is_peer(s)]
-    assert peer_notes(True, quick) == ["peers not run: the mergekit rows are in the full variant only"]
+    assert peer_notes(True, quick) == ["peers not run: the mergekit rows run with --extended"]
 
 
 def _preserve_rows(specs):

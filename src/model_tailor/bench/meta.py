@@ -40,7 +40,7 @@ def peer_notes(quick: bool, specs: list[M.MethodSpec]) -> list[str]:
     if not peers.is_available():
         return [f"peers not run: mergekit is not installed ({peers.INSTALL_HINT})"]
     if quick:
-        return ["peers not run: the mergekit rows are in the full variant only"]
+        return ["peers not run: the mergekit rows run with --extended"]
     ran = sorted({s.method for s in specs if M.is_peer(s)})
     return [f"peers: {', '.join(ran)} run by mergekit {peers.mergekit_version()} on the same pair"] if ran else []
 

@@ -5,7 +5,7 @@ fine-tune changed), so the runner loads one model and swaps weights per row. Bas
 of every changed tensor (decoder layers and projector). Model Tailor rows go through ``tailor_rows``,
 the single place that calls the tailoring engine: the project pipeline (``model_tailor.api.tailor``) by
 default, or the ``inmemory`` engine (kernel + one forward pass of hooks) as a fallback. Peer rows
-(``mergekit_*``, full variant only, when the optional extra ``peers`` is installed) go through
+(``mergekit_*``, ``--extended`` only, when the optional extra ``peers`` is installed) go through
 ``peer_rows``, which has mergekit merge the same two model folders (``bench.peers``).
 """
 
@@ -60,7 +60,7 @@ MT_VARIANTS = {  # row name -> tailor() options; ablations at density 0.10 (docs
 # to the shipped generic instructions). Pipeline engine only.
 PRESERVE_METHOD = "model_tailor_preserve"
 TAILOR_METHODS = (*MT_VARIANTS, PRESERVE_METHOD)
-# mergekit peer rows, full variant only and only when mergekit is installed:
+# mergekit peer rows, --extended only and only when mergekit is installed:
 # mergekit method -> the densities (ties, dare_ties) or scales = mergekit weights (task_arithmetic) to run.
 # Each row costs ~2 min of CPU evaluation in the full variant, hence a subset of DENSITIES.
 PEER_GRID: dict[str, tuple[float, ...]] = {"ties": (0.05, 0.10), "dare_ties": (0.05, 0.10), "task_arithmetic": (0.5,)}

@@ -196,7 +196,7 @@ _USER_LOWRANK = (("preserve", "user"), ("structure", "lowrank"))
 _SELF_LOWRANK_3 = (("preserve", "self"), ("structure", "lowrank"), ("lambda", 3.0))  # best data-free, 2026-12-07
 # The full variant's default rows: what the README's headline tables show, the anchors a user would compare
 # against (issue 12) and the data-free default candidates measured on both pairs (issue 13). Every other row of
-# the catalogue is an ablation or a grid point, run with ``--extended``. One evaluation costs ~4 min on a 2-core
+# the catalogue is an ablation or a grid point, run with ``--extended``. One evaluation costs ~3.6 min on a 2-core
 # CPU, so each row here is a choice: revert_first_k runs at k = 6 only (half the main pair's 12 tuned layers).
 HEADLINE: tuple[Headline, ...] = (
     Headline(MAIN, "model_tailor", 0.05),
