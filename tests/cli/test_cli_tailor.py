@@ -226,6 +226,23 @@ def test_shape_mismatch_and_missing_tensors_list_every_offender(pico, tmp_path, 
         assert name in line
 
 
+def test_blocks_with_different_attention_masks_are_refused(pico, tmp_path, capsys):
+    """A config whose blocks alternate sliding-window and full attention (Gemma 3, Qwen2 with sliding windows):
+    the replay reuses block 0's mask for every block, so the run stops before any block with one line."""
+    pair = pico("llama")
+    bad = tmp_path / "mixed"
+    shutil.copytree(pair.finetuned, bad)
+    config = json.loads((bad / "config.json").read_text())
+    config["layer_types"] = ["sliding_attention"] + ["full_attention"] * (config["num_hidden_layers"] - 1)
+    (bad / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = tailor_args(pair, out)
+    argv[argv.index("--finetuned") + 1] = str(bad)
+    line = expect_failure(capsys, argv, out, 1, "different attention masks (full_attention, sliding_attention)")
+    assert "model.layers" in line
+
+
 def test_nan_weights(pico, tmp_path, capsys):
     pair = pico("llama")
     bad = _copy_with(

@@ -173,3 +173,25 @@ def test_llama_compensation_depth_is_compensation_from_counted_from_the_last_lay
     assert by_depth.patch.equal(by_index.patch)
     compensation = {layer.block: {s.compensation for s in layer.tensors.values()} for layer in by_depth.report.layers}
     assert compensation["model.layers.1"] == {"none"} and compensation["model.layers.2"] == {"obs"}
+
+
+def test_llama_blocks_before_the_first_target_load_once(pico, monkeypatch):
+    """Layer 0 holds no target: the calibration stream goes through it with the block loaded once for all
+    batches, not once per batch (a hooked whole-model forward would load it for each of the 4 batches)."""
+    from model_tailor.api import tailor
+    from model_tailor.pipeline.weights import Materializer
+
+    loads: list[str] = []
+    real = Materializer.load
+
+    def counting(self, path, *, recurse=True):
+        if recurse:
+            loads.append(path)
+        return real(self, path, recurse=recurse)
+
+    monkeypatch.setattr(Materializer, "load", counting)
+    pair = pico("llama")
+    res = tailor(pair.base, pair.finetuned, pair.calibration, density=0.25, samples=4, batch_size=1)
+    assert [layer.block for layer in res.report.layers] == ["model.layers.1", "model.layers.2"]
+    assert loads.count("model.layers.0") == 1
+    assert loads.count("model.layers.1") == loads.count("model.layers.2") == 1

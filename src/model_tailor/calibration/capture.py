@@ -81,7 +81,8 @@ def capture_inputs(
         calls.append(BlockCall(_to(args, device, dtype), _no_cache(_to(kwargs, device, dtype))))
         raise _StopForward
 
-    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    # prepended: it stops the pass before any other pre-hook of the block runs (e.g. one that loads its weights)
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
     try:
         for batch in batches:
             before = len(calls)

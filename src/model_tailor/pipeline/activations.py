@@ -1,7 +1,7 @@
 """Activation streams through a block list and the per-block Hessians they give.
 
 A :class:`Stream` is the recorded call (inputs and every keyword argument) of each calibration batch at one block,
-with its token masks; :func:`capture_stream` records it at a block list's first targeted block, :func:`accumulate`
+with its token masks; :func:`capture_stream` records it at a block list's block 0, :func:`accumulate`
 runs one block over it with Hessian hooks (and, optionally, yields the next block's stream from the same pass).
 
 Hessians of one block's target linears use one accumulator per distinct input.

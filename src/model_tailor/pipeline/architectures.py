@@ -36,6 +36,7 @@ __all__ = [
     "empty_parameters",
     "is_conv1d",
     "linear_modules",
+    "mixed_layer_types",
 ]
 
 # Path words -> role; first match wins. Order of ROLE_ORDER is the forward order of a multi-modal model.
@@ -202,6 +203,20 @@ def build_skeleton(config_dir: str) -> nn.Module:
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def mixed_layer_types(config: object, block_list: BlockList) -> list[str]:
+    """The attention types of ``block_list``'s blocks when its config gives them several (``layer_types`` of
+    the model's config or a sub-config, one entry per block: Gemma 3, Qwen2 with sliding windows), else ``[]``.
+
+    Such blocks take different attention masks from the model's forward; a replay that reuses one block's
+    arguments for the next (docs/METHOD.md §9) would calibrate them on the wrong mask."""
+    configs = [config, *(getattr(config, a, None) for a in ("text_config", "vision_config", "qformer_config"))]
+    for c in configs:
+        types = getattr(c, "layer_types", None)
+        if isinstance(types, list | tuple) and len(types) == block_list.length:
+            return sorted({str(t) for t in types}) if len(set(types)) > 1 else []
+    return []
 
 
 def checkpoint_names(model: nn.Module, names: list[str], available: set[str]) -> dict[str, str]:

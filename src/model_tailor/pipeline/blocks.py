@@ -16,12 +16,12 @@ import torch
 from model_tailor.calibration.capture import replace_hidden, run_block
 from model_tailor.calibration.data import CalibrationSet
 from model_tailor.config import TailorConfig, first_compensated
-from model_tailor.errors import ConfigError
+from model_tailor.errors import CheckpointError, ConfigError
 from model_tailor.io.checkpoint import CheckpointReader
 from model_tailor.kernel.masking import select_keep_masks_global
 from model_tailor.kernel.scoring import salience
 from model_tailor.pipeline.activations import BlockHessians, Stream, accumulate, capture_stream, reaching_batches
-from model_tailor.pipeline.architectures import ModelLayout
+from model_tailor.pipeline.architectures import ModelLayout, mixed_layer_types
 from model_tailor.pipeline.distributed import Group, kernel_cost
 from model_tailor.pipeline.groups import KernelInput, can_group, shared_input_groups, tailor_one, tailor_together
 from model_tailor.pipeline.multitask import CombinedHessians, accumulate_tasks, combine_block
@@ -253,12 +253,18 @@ class BlockRunner:
             if not indices:
                 continue
             first, last = min(indices), max(indices)
+            mixed = mixed_layer_types(model.config, bl)
+            if mixed:
+                raise CheckpointError(
+                    f"{bl.path}: its blocks take different attention masks ({', '.join(mixed)}); model-tailor "
+                    "replays every block with block 0's arguments, so it cannot calibrate this model yet"
+                )
             t0 = time.perf_counter()
             handles = self.mat.install_hooks(self.block_paths)
             pstream = None
-            try:
+            try:  # the inputs of the list's block 0: the forward stops there, so no block loads here
                 streams = [  # this rank's share of each task's batches; the Hessians are summed over ranks
-                    capture_stream(model, bl, first, self.group.split(c.batches), nq, self.device, self.dtype)
+                    capture_stream(model, bl, 0, self.group.split(c.batches), nq, self.device, self.dtype)
                     for c in calibs
                 ]
                 if self.preserve is not None:  # earlier layers: base, or their non-target policy (preserve_stream)
@@ -267,16 +273,31 @@ class BlockRunner:
                         self._warn(f"{bl.path}: no preserve record has an image; its targets ignore preserve")
                     else:
                         pmine = self.group.split(pbatches)  # may be empty on a rank: still a (empty) stream
-                        pstream = capture_stream(model, bl, first, pmine, nq, self.device, self.dtype)
+                        pstream = capture_stream(model, bl, 0, pmine, nq, self.device, self.dtype)
             finally:
                 for h in handles:
                     h.remove()
                 self.mat.offload_all()
+            for idx in range(first):  # blocks before the first target: loaded once, every batch through them
+                streams, pstream = self._lead_in(bl.block_path(idx), streams, pstream)
             logger.info("captured inputs of %s in %.2fs", bl.block_path(first), time.perf_counter() - t0)
             blocks = range(first, last + 1)
             bar = _bar(blocks, f"tailor {bl.path}", self.progress)
             for idx in bar:
                 streams, pstream = self.block(bl.path, idx, streams, pstream, last_in_list=idx == last)
+
+    def _lead_in(self, path: str, streams: list[Stream], pstream: Stream | None) -> tuple[list[Stream], Stream | None]:
+        """Every stream through block ``path``, which holds no target: loaded once for all batches (a hooked
+        forward of the whole model would load it once per batch). Its calls reuse block 0's keyword arguments,
+        as the propagation between tuned blocks does (docs/METHOD.md §9)."""
+        self.mat.load(path)
+        try:
+            block = self.prep.model.get_submodule(path)
+            streams = [_propagate(block, st, self.dtype) for st in streams]
+            return streams, None if pstream is None else _propagate(block, pstream, self.dtype)
+        finally:
+            self.mat.offload(path)
+            self.source.release()
 
     def block(
         self, list_path: str, idx: int, streams: list[Stream], pstream: Stream | None, last_in_list: bool
