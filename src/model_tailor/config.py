@@ -198,16 +198,16 @@ class TailorConfig(BaseModel):
     compensation_from: int = Field(
         0,
         ge=0,
-        description="layer index (counted in each block list) where compensation starts; the layers before it keep "
-        "their kept entries at the fine-tuned values (plain selection, as with compensation=none)",
+        description="layer index (counted in each block list) where compensation starts; the layers before it are "
+        "plain: a sparse patch of fine-tuned values (no compensation, preserve term or low-rank structure)",
     )
     compensation_depth: float = Field(
         1.0,
         gt=0,
         le=1,
         description="fraction of each block list's layers, the deepest ones, that are compensated (ceil(depth x "
-        "layers) of them, at least one); the shallower ones keep their kept entries at the fine-tuned values. 1: "
-        "every layer. With compensation_from, a layer is compensated only where both allow it",
+        "layers) of them, at least one); the shallower ones are plain, as before compensation_from. 1: every "
+        "layer. With compensation_from, a layer is compensated only where both allow it",
     )
     cache_dir: Path = Field(
         default_factory=default_cache_dir,

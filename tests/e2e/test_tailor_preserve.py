@@ -179,3 +179,32 @@ def test_dense_preserve_equals_closed_form(pico, preserve_file):
     got = res.patch.tensors[name].apply(W_pre.float()).double()
     torch.testing.assert_close(got, expected, rtol=0, atol=2e-4)
     assert not torch.allclose(got, W_ft, atol=1e-3)  # the preserve term moved it away from the fine-tuned weight
+
+
+def test_blocks_before_compensation_from_are_plain_whatever_the_structure(pico, preserve_file):
+    """``compensation_from: 2`` with preserve data and low rank: layer 1 is the plain patch (sparse, kept entries at
+    their fine-tuned values, no preserve term), equal to the ``compensation: none`` run's layer 1; layer 2 is the
+    preserve-aware low-rank fit."""
+    pair = pico("llama")
+    common = {**FIELDS, "granularity": "tensor"}
+    split = tailor(
+        pair.base,
+        pair.finetuned,
+        pair.calibration,
+        preserve=str(preserve_file),
+        structure="lowrank",
+        compensation_from=2,
+        **common,
+    )
+    plain = tailor(pair.base, pair.finetuned, pair.calibration, compensation="none", **common)
+    records = {layer.block: list(layer.tensors.values()) for layer in split.report.layers}
+    assert {(s.structure, s.compensation) for s in records["model.layers.1"]} == {("sparse", "none")}
+    assert {s.structure for s in records["model.layers.2"]} == {"lowrank"}
+    assert all(s.preserve_error_final is None for s in records["model.layers.1"])
+    assert all(s.preserve_error_final is not None for s in records["model.layers.2"])
+    assert not [w for w in split.report.warnings if "preserve tokens" in w]
+    layer1 = [n for n in split.patch.tensors if ".layers.1." in n]
+    assert layer1
+    for name in layer1:
+        ours, other = split.patch.tensors[name], plain.patch.tensors[name]
+        assert torch.equal(ours.indices, other.indices) and torch.equal(ours.values, other.values), name

@@ -34,7 +34,7 @@ def test_quick_variant_is_unchanged_and_the_full_one_adds_the_pairs():
     every = [(s.method, s.density) for s in full if s.pair == "all_layers"]
     assert every[:4] == [("pretrained", None), ("finetuned", None), ("model_tailor", 0.05), ("model_tailor", 0.1)]
     assert {("magnitude", 0.05), ("fapm", 0.1), ("lora_r16", None)} <= set(every)
-    assert sum(m == M.PRESERVE_METHOD for m, _ in every) == len(P.ALL_LAYERS_PRESERVE)
+    assert sum(m == M.PRESERVE_METHOD for m, _ in every) == len(P.ALL_LAYERS_PRESERVE) + len(M.SELF_LOWRANK_DEPTHS)
     assert not [s for s in _full("inmemory") if s.pair == "all_layers" and s.method == M.PRESERVE_METHOD]
     kinds = {(s.pair, s.method): P.kind_of(s) for s in full}
     assert kinds[("main", "lora_r16")] == kinds[("main", "rehearsal_0.50")] == "retrain"
@@ -149,6 +149,9 @@ def test_headline_matches_on_pair_method_density_and_the_params_it_names():
     d = P.Headline("main", "fapm", 0.10)
     assert d.matches(M.MethodSpec("fapm", 0.1)) and d.matches(M.MethodSpec("fapm", 0.05 + 0.05))
     assert not d.matches(M.MethodSpec("fapm", 0.05)) and not d.matches(M.MethodSpec("fapm"))
+    absent = P.Headline("main", "x", 0.1, (("lambda", 3.0), ("depth", None)))  # None: the row lacks the param
+    assert absent.matches(M.MethodSpec("x", 0.1, {"lambda": 3.0}))
+    assert not absent.matches(M.MethodSpec("x", 0.1, {"lambda": 3.0, "depth": 0.25}))
 
 
 def test_a_row_only_the_catalogue_has_points_to_extended(tmp_path):

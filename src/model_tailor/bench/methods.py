@@ -97,6 +97,19 @@ def preserve_spec(
     return MethodSpec(PRESERVE_METHOD, density, params)
 
 
+# Depths of the data-free candidate "self low-rank in the deep layers, plain below" (self_lowrank_deep_spec): on the
+# main pair (the last 12 of 30 layers tuned) 0.4 is the whole tuned range, so only 0.25 differs from the plain row.
+SELF_LOWRANK_DEPTHS = (0.25, 0.4)
+
+
+def self_lowrank_deep_spec(depth: float, engine: str) -> MethodSpec:
+    """Self low-rank at lambda 3 in the deepest ``ceil(depth * L)`` layers; the shallower ones plain (sparse,
+    fine-tuned values, salience only: alpha 1), which is what ``compensation_depth`` makes of them."""
+    return preserve_spec(
+        0.10, engine, structure="lowrank", preserve="self", lam=3.0, alpha=1.0, compensation_depth=depth
+    )
+
+
 def preserve_specs(quick: bool, engine: str, extended: bool = False) -> list[MethodSpec]:
     """Quick: two rows (user data, sparse 0.10 and dense; ``self`` costs ~60 s more of generation, so it is in
     the full variant only). Full: the frontier (sparse 0.05/0.10/0.20/dense, ``lowrank`` 0.05/0.10,
@@ -122,6 +135,7 @@ def preserve_specs(quick: bool, engine: str, extended: bool = False) -> list[Met
         rows += [preserve_spec(0.10, engine, salience_from="target")]
         # the data-free low-rank candidate with a sparse part beside it
         rows += [preserve_spec(0.10, engine, structure="sparse+lowrank", preserve="self")]
+        rows += [self_lowrank_deep_spec(SELF_LOWRANK_DEPTHS[0], engine)]
     return rows
 
 

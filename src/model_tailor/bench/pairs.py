@@ -33,10 +33,12 @@ from model_tailor.bench import retrain as R
 from model_tailor.bench.methods import (
     MT_VARIANTS,
     PRESERVE_METHOD,
+    SELF_LOWRANK_DEPTHS,
     MethodSpec,
     method_specs,
     preserve_spec,
     select_specs,
+    self_lowrank_deep_spec,
 )
 from model_tailor.bench.models import BuildConfig
 from model_tailor.bench.results import Row
@@ -157,6 +159,7 @@ def all_layers_specs(engine: str, build: BuildConfig) -> list[MethodSpec]:
             replace(preserve_spec(d, engine, structure=st, preserve=pr, lam=lam), pair=pair)
             for d, st, pr, lam in ALL_LAYERS_PRESERVE
         ]
+        rows += [replace(self_lowrank_deep_spec(depth, engine), pair=pair) for depth in SELF_LOWRANK_DEPTHS]
     rows += [MethodSpec(m, d, pair=pair) for m in ALL_LAYERS_BASELINES for d in ALL_LAYERS_DENSITIES]
     return rows + [lora_spec(build.all_layers(), LORA_TAILOR_RANK, pair)]
 
@@ -175,7 +178,8 @@ def variant_specs(quick: bool, engine: str, extended: bool, build: BuildConfig) 
 @dataclass(frozen=True)
 class Headline:
     """One headline row of the full variant: its pair, method and density (None: a dense row), and the params it
-    must carry (a subset of the row's; the rest, such as the engine, may be anything)."""
+    must carry (a subset of the row's; the rest, such as the engine, may be anything; a value None: the row must
+    not have that param)."""
 
     pair: str
     method: str
@@ -193,7 +197,8 @@ class Headline:
 
 
 _USER_LOWRANK = (("preserve", "user"), ("structure", "lowrank"))
-_SELF_LOWRANK_3 = (("preserve", "self"), ("structure", "lowrank"), ("lambda", 3.0))  # best data-free, 2026-12-07
+# best data-free, 2026-12-07 (every layer decorated: the depth rows of self_lowrank_deep_spec are --extended)
+_SELF_LOWRANK_3 = (("preserve", "self"), ("structure", "lowrank"), ("lambda", 3.0), ("compensation_depth", None))
 # The full variant's default rows: what the README's headline tables show, the anchors a user would compare
 # against (issue 12) and the data-free default candidates measured on both pairs (issue 13). Every other row of
 # the catalogue is an ablation or a grid point, run with ``--extended``. One evaluation costs ~3.6 min on a 2-core

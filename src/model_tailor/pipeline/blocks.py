@@ -127,15 +127,17 @@ class BlockRunner:
         return KernelInput(t.name, self.source.base.get(t.name), ft, t.transposed, mask, reference)
 
     def _block_cfg(self, list_path: str, idx: int) -> TailorConfig:
-        """The run's config for block ``idx`` of the list at ``list_path``: no compensation in the layers before
-        :func:`~model_tailor.config.first_compensated` (``compensation_from``, ``compensation_depth``).
+        """The run's config for block ``idx`` of the list at ``list_path``: the layers before
+        :func:`~model_tailor.config.first_compensated` (``compensation_from``, ``compensation_depth``) are plain,
+        a sparse patch of fine-tuned values: no compensation, no preserve term, no low-rank structure.
 
-        On a fine-tune that reaches early layers, compensating there brings the forgetting back (docs/METHOD.md
-        §8); the options let the early layers take plain selection while the deep ones are decorated."""
+        On a fine-tune that reaches early layers, decorating there (compensation, or a preserve-aware or low-rank
+        fit of the fine-tuned outputs) brings the forgetting back (docs/METHOD.md §8); the options let the early
+        layers take plain selection while the deep ones are decorated."""
         length = next(bl.length for bl in self.prep.layout.block_lists if bl.path == list_path)
         if idx >= first_compensated(length, self.cfg.compensation_from, self.cfg.compensation_depth):
             return self.cfg
-        return self.cfg.model_copy(update={"compensation": "none"})
+        return self.cfg.model_copy(update={"compensation": "none", "structure": "sparse", "preserve": None})
 
     def _tailor_target(
         self,
@@ -149,7 +151,7 @@ class BlockRunner:
             self._warn(
                 f"{t.name}: received no calibration tokens; tailored data-free (salience only, uncompensated, sparse)"
             )
-        elif H_o is None and self.preserve is not None:
+        elif H_o is None and cfg.preserve is not None:
             self._warn(f"{t.name}: received no preserve tokens; tailored without the preserve term")
         sv, stats = tailor_one(self._input(t), H, H_o, cfg, self.device)
         self.source.tailored[t.name] = sv
@@ -367,7 +369,8 @@ class BlockRunner:
             if fresh:
                 assert t_stats is not None
                 t0 = time.perf_counter()
-                H_o = {t.name: None if p_stats is None else p_stats.hessian(t.name) for t in targets}
+                plain = p_stats is None or cfg.preserve is None  # a plain block (_block_cfg) ignores preserve
+                H_o = {t.name: None if plain else p_stats.hessian(t.name) for t in targets}
                 by_name = {t.name: t for t in targets}
                 units = shared_input_groups(list(by_name), t_stats.groups)  # q/k/v, gate/up share one
                 records = self._tailor_units([[by_name[n] for n in names] for names in units], t_stats, H_o, cfg)
