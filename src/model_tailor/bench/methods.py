@@ -98,7 +98,7 @@ def preserve_spec(
 
 
 # Depths of the data-free candidate "self low-rank in the deep layers, plain below" (self_lowrank_deep_spec): on the
-# main pair (the last 12 of 30 layers tuned) 0.4 is the whole tuned range, so only 0.25 differs from the plain row.
+# main pair (the last 12 of 30 layers tuned) 0.4 is the whole tuned range, the patch of the lambda 3 row.
 SELF_LOWRANK_DEPTHS = (0.25, 0.4)
 
 
@@ -135,7 +135,7 @@ def preserve_specs(quick: bool, engine: str, extended: bool = False) -> list[Met
         rows += [preserve_spec(0.10, engine, salience_from="target")]
         # the data-free low-rank candidate with a sparse part beside it
         rows += [preserve_spec(0.10, engine, structure="sparse+lowrank", preserve="self")]
-        rows += [self_lowrank_deep_spec(SELF_LOWRANK_DEPTHS[0], engine)]
+        rows += [self_lowrank_deep_spec(depth, engine) for depth in SELF_LOWRANK_DEPTHS]
     return rows
 
 
