@@ -73,6 +73,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         "compensation_from": 0,
         "compensation_depth": 1.0,
     },
+    # The best data-free method TailorBench has measured on both of its pairs (README, 2026-12-08): the base model's
+    # own answers as preserve data, the patch fitted as low-rank factors at lambda 3 in the deepest 40% of the layers
+    # and plain salience-only selection below. Its other options are the defaults.
+    "self-lowrank": {
+        "preserve": "self",
+        "structure": "lowrank",
+        "preserve_weight": 3.0,
+        "compensation_depth": 0.4,
+        "alpha": 1.0,
+    },
 }
 
 
@@ -92,7 +102,9 @@ class TailorConfig(BaseModel):
     preset: Preset | None = Field(
         None,
         description="named option set applied under every explicit flag or config key: paper (the paper's method: "
-        "sparse OBS-compensated patch, no preserve term; see README)",
+        "sparse OBS-compensated patch, no preserve term), self-lowrank (the base model's own answers as preserve "
+        "data, low-rank factors at lambda 3 in the deepest 40% of the layers, salience-only selection below; "
+        "see README)",
     )
     base: Path = Field(description="pre-trained model folder")
     # Several fine-tunes of the base make one joint patch (docs/METHOD.md §12): a list, one calibration file each

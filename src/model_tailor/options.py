@@ -51,7 +51,7 @@ Structure = Literal["sparse", "lowrank", "sparse+lowrank"]
 NonTargetPolicy = Literal["reset", "keep", "tailor"]
 DType = Literal["float32", "bfloat16", "float16"]
 # Named option sets (config.PRESETS): "paper" is the paper's method, one switch away whatever the defaults become.
-Preset = Literal["paper"]
+Preset = Literal["paper", "self-lowrank"]
 # ``preserve`` keywords (anything else is a JSONL path): "self" = the base model answers the calibration inputs and
 # the shipped generic instructions; "self-generic" = the shipped generic instructions only.
 SelfPreserveMode = Literal["self", "self-generic"]

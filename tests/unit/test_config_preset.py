@@ -66,3 +66,32 @@ def test_an_unknown_preset_is_a_one_line_error():
     with pytest.raises(ConfigError, match="preset") as info:
         TailorConfig.build(**BASE, preset="fancy")
     assert "\n" not in str(info.value)
+
+
+# The data-free candidate measured best on both TailorBench pairs (README, 2026-12-08), written out.
+SELF_LOWRANK = {
+    "preserve": "self",
+    "structure": "lowrank",
+    "preserve_weight": 3.0,
+    "compensation_depth": 0.4,
+    "alpha": 1.0,
+}
+
+
+def test_the_self_lowrank_preset_sets_its_five_options_and_leaves_the_rest_at_the_defaults():
+    cfg = TailorConfig.build(**BASE, preset="self-lowrank")
+    assert {k: getattr(cfg, k) for k in SELF_LOWRANK} == SELF_LOWRANK
+    assert PRESETS["self-lowrank"] == SELF_LOWRANK
+    plain = TailorConfig.build(**BASE)
+    others = set(TailorConfig.model_fields) - set(SELF_LOWRANK) - {"preset"}
+    assert {k: getattr(cfg, k) for k in others} == {k: getattr(plain, k) for k in others}
+    explicit = TailorConfig.build(**BASE, preset="self-lowrank", preserve="data.jsonl", preserve_weight=1.0)
+    assert (explicit.preserve, explicit.preserve_weight, explicit.structure) == ("data.jsonl", 1.0, "lowrank")
+
+
+def test_the_self_lowrank_preset_refuses_what_low_rank_or_self_data_cannot_do():
+    """Low rank shares no budget with a global mask; self data needs calibration data and one fine-tune."""
+    with pytest.raises(ConfigError, match="granularity 'global'"):
+        TailorConfig.build(**BASE, preset="self-lowrank", granularity="global")
+    with pytest.raises(ConfigError, match="cannot use preserve 'self'"):
+        TailorConfig.build(**{**BASE, "finetuned": ["f", "g"]}, preset="self-lowrank")

@@ -40,7 +40,9 @@ class SelfPreserveSpec:
     samples: int = 64
     seed: int = 0
     max_new_tokens: int = 48
-    batch_size: int = 8
+    # prompts answered per generate() call: 32 answers the 64 shipped instructions in 19.7 s where 8 took 36.6 s,
+    # the same answers (SmolLM2-135M, 2-core CPU, 2026-12-08)
+    batch_size: int = 32
 
 
 def load_instructions() -> list[str]:
