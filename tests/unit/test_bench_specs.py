@@ -102,6 +102,15 @@ def test_cli_rejects_quick_with_extended(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_cli_rejects_a_negative_fine_tune_seed(tmp_path, capsys):
+    from model_tailor.cli import main
+
+    assert main(["bench", "--ft-seed", "-1", "--out", str(tmp_path / "out")]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--ft-seed must be >= 0" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
 def test_every_engine_gets_each_ablation_own_options():
     inputs = M.TailorInputs(*(None,) * 9)
     full = {s.method: s for s in M.method_specs(False, "pipeline") if s.method in M.MT_VARIANTS}

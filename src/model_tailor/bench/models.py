@@ -71,6 +71,11 @@ class BuildConfig:
     ft_projector_lr: float = 2e-4
     calibration_samples: int = 128
     seed: int = 0
+    # The fine-tune's own seed: its draw of training examples and of each step's batch (full, LoRA and rehearsal
+    # fine-tunes alike); the pre-trained model and the calibration set stay those of ``seed``. A second value
+    # measures a row on another fine-tune of the same model. 0 is what every earlier build used, and is left out
+    # of the key, so their caches stay valid.
+    ft_seed: int = 0
 
     def tuned_layers(self, num_layers: int) -> tuple[int, ...]:
         """Indices of the decoder layers the fine-tune trains: the last ``tune_last``, or all when it is 0."""
@@ -88,8 +93,16 @@ class BuildConfig:
 
     def key(self) -> str:
         """Hash of the whole build (names the fine-tuned model, calibration set and evaluations)."""
-        blob = json.dumps({"v": BUILD_VERSION, **asdict(self)}, sort_keys=True)
+        fields = asdict(self)
+        if fields["ft_seed"] == 0:  # the field is newer than the cached builds, which all had 0
+            del fields["ft_seed"]
+        blob = json.dumps({"v": BUILD_VERSION, **fields}, sort_keys=True)
         return f"{self.lm}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+    @property
+    def ft_draw_seed(self) -> int:
+        """The seed of the fine-tune's draws: ``seed`` itself for ``ft_seed`` 0 (every earlier build)."""
+        return self.seed if self.ft_seed == 0 else self.seed + 1000 * self.ft_seed
 
     def stage1_key(self) -> str:
         """Hash of the fields stage 1 depends on, so changing the fine-tune recipe reuses the base model."""
@@ -240,12 +253,14 @@ def train_steps(
     device: str,
     desc: str,
     mix: Callable[[int, list[Example]], list[Example]] | None = None,
+    draw_seed: int | None = None,
 ) -> float:
-    """AdamW on the response loss, warm-up + cosine; one seeded draw per step. ``mix(step, batch)`` may swap a
-    step's batch (rehearsal, ``bench.retrain``): every other step gets the batch it gets without ``mix``."""
+    """AdamW on the response loss, warm-up + cosine; one seeded draw per step (from ``draw_seed``, default
+    ``cfg.seed``). ``mix(step, batch)`` may swap a step's batch (rehearsal, ``bench.retrain``): every other step
+    gets the batch it gets without ``mix``."""
     opt = torch.optim.AdamW(params_groups, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, steps))
-    rng = torch.Generator().manual_seed(cfg.seed + 1)
+    rng = torch.Generator().manual_seed((cfg.seed if draw_seed is None else draw_seed) + 1)
     model.train()
     loss_avg = float("nan")
     with tqdm(range(steps), desc=desc, unit="step", leave=False) as bar:
@@ -350,7 +365,7 @@ def _build_stage1(cfg: BuildConfig, pre_dir: Path, labels: list, device: str) ->
 
 def finetune_examples(cfg: BuildConfig, train_items: list) -> list[Example]:
     """The fine-tune's easy-VQA draw (every fine-tune of a build, full, LoRA or rehearsal, trains on it)."""
-    return vqa_examples(sample(train_items, cfg.ft_steps * cfg.ft_batch * 4, cfg.seed + 3))
+    return vqa_examples(sample(train_items, cfg.ft_steps * cfg.ft_batch * 4, cfg.ft_draw_seed + 3))
 
 
 def build_finetune(
@@ -378,7 +393,7 @@ def build_finetune(
     pixels = PixelCache(processor.image_processor)
     args = (cfg.ft_steps, cfg.ft_batch, cfg, processor, pixels, device, desc)
     drawn = finetune_examples(cfg, train_items) if examples is None else examples
-    loss = train_steps(model, groups, drawn, *args, mix=mix)
+    loss = train_steps(model, groups, drawn, *args, mix=mix, draw_seed=cfg.ft_draw_seed)
     seconds = time.perf_counter() - t0
     info = {"build": asdict(cfg), "stage": "finetuned", "ft_loss": loss, "seconds": seconds, **(meta or {})}
     save_folder(model, processor, ft_dir, info)

@@ -182,7 +182,7 @@ def _build_lora(cfg: BuildConfig, settings: LoraSettings, pre_dir: Path, out: Pa
     pixels = PixelCache(processor.image_processor)
     examples = finetune_examples(cfg, assets.load_vqa("train"))
     args = (cfg.ft_steps, cfg.ft_batch, cfg, processor, pixels, device, f"fine-tune: easy-VQA, {settings.method}")
-    loss = train_steps(peft_model.get_base_model(), groups, examples, *args)
+    loss = train_steps(peft_model.get_base_model(), groups, examples, *args, draw_seed=cfg.ft_draw_seed)
     counts = {"lora": sum(p.numel() for p in lora), "projector": sum(p.numel() for p in projector)}
     meta = {"build": asdict(cfg), "stage": settings.method, "lora": settings.params(), "tuned_layers": list(tuned)}
     meta |= {"trainable": counts, "ft_loss": loss, "seconds": time.perf_counter() - t0}

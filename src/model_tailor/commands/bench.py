@@ -71,6 +71,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="D",
         help="only rows at these densities (rows without one, such as dense merges, stay)",
     )
+    p.add_argument(
+        "--ft-seed",
+        type=int,
+        default=0,
+        metavar="N",
+        help="seed of the fine-tunes' draws (default 0, the cached builds'): another value builds another fine-tune "
+        "of the same pre-trained model, to see whether a row's result holds on it",
+    )
     p.set_defaults(func=run)
 
 
@@ -78,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from model_tailor.bench.assets import resolve_cache_dir
+    from model_tailor.bench.models import BuildConfig
     from model_tailor.bench.report import markdown_table, write_outputs
     from model_tailor.bench.runner import BenchConfig, run_bench
 
@@ -91,7 +100,10 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--resamples must be >= 1, got {args.resamples}")
     if args.quick and args.extended:
         raise ConfigError("--extended lists every row of the full-size bench; drop --quick or --extended")
+    if args.ft_seed < 0:
+        raise ConfigError(f"--ft-seed must be >= 0, got {args.ft_seed}")
     cfg = BenchConfig(
+        build=BuildConfig(ft_seed=args.ft_seed),
         quick=args.quick,
         extended=args.extended,
         device=args.device,
