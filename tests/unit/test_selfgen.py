@@ -76,3 +76,34 @@ def test_generation_is_deterministic_and_cached(pico_llama, tmp_path):
         pico_llama, SelfPreserveSpec(samples=3, seed=7, max_new_tokens=4), cache_dir=tmp_path
     )
     assert len(other) == 3 and len(list(tmp_path.glob("self-preserve-*.jsonl"))) == 2
+
+
+@pytest.mark.parametrize(
+    ("config", "device", "expected"),
+    [
+        ({"dtype": "bfloat16"}, "cpu", torch.bfloat16),
+        ({"torch_dtype": "bfloat16"}, "cpu", torch.bfloat16),
+        ({"text_config": {"dtype": "bfloat16"}}, "cpu", torch.bfloat16),
+        ({"dtype": "float16"}, "cpu", torch.float32),
+        ({"dtype": "float16"}, "cuda:0", torch.float16),
+        ({"dtype": "float32"}, "cpu", torch.float32),
+        ({}, "cpu", torch.float32),
+    ],
+)
+def test_the_base_generates_in_its_stored_dtype(tmp_path, config, device, expected):
+    from model_tailor.calibration.selfgen import generation_dtype
+
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert generation_dtype(tmp_path, device) == expected
+    assert generation_dtype(tmp_path / "missing", device) == torch.float32
+
+
+def test_a_bf16_base_is_loaded_in_bf16(pico_llama, tmp_path):
+    """Half the memory of an fp32 copy: a 7B bf16 base generates in 14 GB, not 28."""
+    from model_tailor.calibration.selfgen import Generator
+
+    half = tmp_path / "bf16"
+    LlamaForCausalLM.from_pretrained(pico_llama, dtype=torch.bfloat16).save_pretrained(half)
+    PreTrainedTokenizerFast.from_pretrained(pico_llama).save_pretrained(half)
+    assert Generator(half).parts()[0].dtype == torch.bfloat16
+    assert Generator(pico_llama).parts()[0].dtype == torch.float32

@@ -99,6 +99,23 @@ def render_prompt(tokenizer: Any, processor: Any, instruction: str) -> str:
     return f"User: {instruction}\nAssistant:"
 
 
+def generation_dtype(model_dir: str | os.PathLike[str], device: str) -> torch.dtype:
+    """The dtype the base model generates in: the one its config says it is stored in (``dtype`` or the older
+    ``torch_dtype``), so a bf16 7B model takes 14 GB, not the 28 GB of an fp32 copy; float16 runs in float32 on a
+    CPU (half-precision CPU kernels are slow or missing); anything else, or no entry, float32."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return torch.float32
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    name = config.get("dtype") or config.get("torch_dtype") or text.get("dtype") or text.get("torch_dtype")
+    if name == "bfloat16":
+        return torch.bfloat16
+    if name == "float16" and device.startswith("cuda"):
+        return torch.float16
+    return torch.float32
+
+
 def _load(model_dir: Path, device: str) -> tuple[Any, Any, Any]:
     import transformers
 
@@ -115,7 +132,8 @@ def _load(model_dir: Path, device: str) -> tuple[Any, Any, Any]:
     else:
         model_cls = transformers.AutoModelForCausalLM
     try:  # safetensors only: a folder with pickled weights beside them never falls back to unpickling them
-        model = model_cls.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=False, use_safetensors=True)
+        dtype = generation_dtype(model_dir, device)
+        model = model_cls.from_pretrained(model_dir, dtype=dtype, trust_remote_code=False, use_safetensors=True)
     except (OSError, ValueError, KeyError) as err:
         reason = " ".join(str(err).split())[:300]
         raise ConfigError(
