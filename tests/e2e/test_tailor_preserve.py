@@ -203,6 +203,8 @@ def test_blocks_before_compensation_from_are_plain_whatever_the_structure(pico, 
     assert all(s.preserve_error_final is None for s in records["model.layers.1"])
     assert all(s.preserve_error_final is not None for s in records["model.layers.2"])
     assert not [w for w in split.report.warnings if "preserve tokens" in w]
+    tokens = {layer.block: layer.n_tokens_preserve for layer in split.report.layers}
+    assert tokens["model.layers.1"] == 0 < tokens["model.layers.2"]  # the plain block accumulates no H_o
     layer1 = [n for n in split.patch.tensors if ".layers.1." in n]
     assert layer1
     for name in layer1:

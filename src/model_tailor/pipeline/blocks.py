@@ -358,8 +358,9 @@ class BlockRunner:
                 t0 = time.perf_counter()
                 for t in targets:
                     self.mat.set_weight(t.module, "weight", self.source.base.get(t.name))
+                hooked = modules if cfg.preserve is not None else {}  # a plain block (_block_cfg) only propagates
                 p_stats, next_p = accumulate(
-                    block, modules, pstream, self.device, propagate_dtype=None if last_in_list else self.dtype
+                    block, hooked, pstream, self.device, propagate_dtype=None if last_in_list else self.dtype
                 )
                 pstream = next_p or pstream
                 if fresh:
@@ -369,8 +370,7 @@ class BlockRunner:
             if fresh:
                 assert t_stats is not None
                 t0 = time.perf_counter()
-                plain = p_stats is None or cfg.preserve is None  # a plain block (_block_cfg) ignores preserve
-                H_o = {t.name: None if plain else p_stats.hessian(t.name) for t in targets}
+                H_o = {t.name: None if p_stats is None else p_stats.hessian(t.name) for t in targets}
                 by_name = {t.name: t for t in targets}
                 units = shared_input_groups(list(by_name), t_stats.groups)  # q/k/v, gate/up share one
                 records = self._tailor_units([[by_name[n] for n in names] for names in units], t_stats, H_o, cfg)
