@@ -102,7 +102,7 @@ class BuildConfig:
     @property
     def ft_draw_seed(self) -> int:
         """The seed of the fine-tune's draws: ``seed`` itself for ``ft_seed`` 0 (every earlier build)."""
-        return self.seed if self.ft_seed == 0 else self.seed + 1000 * self.ft_seed
+        return self.seed + 1000 * self.ft_seed
 
     def stage1_key(self) -> str:
         """Hash of the fields stage 1 depends on, so changing the fine-tune recipe reuses the base model."""

@@ -31,6 +31,9 @@ logger = logging.getLogger(__name__)
 
 INSTRUCTIONS_FILE = "self_preserve_instructions.jsonl"
 _FINGERPRINT_SPAN = 1 << 20  # bytes hashed at each end of every weight file for the cache key
+# Prompts answered per generate() call, by both kinds of self data: 32 answers the 64 shipped instructions in 19.7 s
+# where 8 took 36.6 s, the same answers (SmolLM2-135M, 2-core CPU, 2026-12-08).
+GENERATION_BATCH = 32
 
 
 @dataclass(frozen=True)
@@ -40,9 +43,7 @@ class SelfPreserveSpec:
     samples: int = 64
     seed: int = 0
     max_new_tokens: int = 48
-    # prompts answered per generate() call: 32 answers the 64 shipped instructions in 19.7 s where 8 took 36.6 s,
-    # the same answers (SmolLM2-135M, 2-core CPU, 2026-12-08)
-    batch_size: int = 32
+    batch_size: int = GENERATION_BATCH
 
 
 def load_instructions() -> list[str]:
